@@ -82,10 +82,10 @@ class Lookahead(Optimizer, GetAttr):
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             res = hook(self, sd)
             if res is not None: sd = res
+        self._check_meta(sd)
         if 'count' not in sd: raise ValueError(f"`state_dict` for Lookahead has no `count`; keys: {sorted(sd)}")
         count = sd['count']
         if isinstance(count, bool) or not isinstance(count, int) or count < 0: raise ValueError(f"`state_dict['count']` must be an int >= 0, got {count!r}")
-        self._check_meta(sd)
         rest = {k:v for k,v in sd.items() if k not in ('count', 'slow_weights', 'fastopt')}
         slow = sd.get('slow_weights')
         if slow is not None:  # fastai format: slow weights as lists per group

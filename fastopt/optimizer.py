@@ -398,6 +398,7 @@ def _state_dict(self):
 
 def _check_meta(self, sd):
     "Raise if `sd` was saved by an optimizer of another type or with other callbacks"
+    if not isinstance(sd, Mapping): raise TypeError(f"`state_dict` must be a dict, got {type(sd).__name__}")
     meta = sd.get('fastopt')
     if meta is None: return  # saved by torch or fastai: nothing to compare
     if not isinstance(meta, Mapping): raise TypeError(f"`state_dict['fastopt']` must be a dict, got {type(meta).__name__}")
