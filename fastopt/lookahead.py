@@ -46,6 +46,8 @@ class Lookahead(Optimizer, GetAttr):
     defaults = property(lambda self: self.opt.defaults, lambda self,v: setattr(self.opt, 'defaults', v))
     cbs = property(lambda self: self.opt.cbs, lambda self,v: setattr(self.opt, 'cbs', v))
     engine = property(lambda self: self.opt.engine, lambda self,v: setattr(self.opt, 'engine', v))
+    nonfinite = property(lambda self: self.opt.nonfinite, lambda self,v: setattr(self.opt, 'nonfinite', v))
+    skipped_steps = property(lambda self: self.opt.skipped_steps, lambda self,v: setattr(self.opt, 'skipped_steps', v))
 
     def step(self, closure=None):
         "Step the inner optimizer, then every `k` steps pull the slow weights towards the fast ones"
@@ -53,7 +55,9 @@ class Lookahead(Optimizer, GetAttr):
             for g in self.param_groups:
                 for p in g['params']:
                     if 'slow_weight' not in self.state[p]: self.state[p]['slow_weight'] = p.detach().clone()
+        skipped = self.opt.skipped_steps
         loss = self.opt.step(closure)
+        if self.opt.skipped_steps != skipped: return loss  # non-finite gradients: the inner step was skipped, so is this one
         self.count += 1
         if self.count % self.k == 0:
             with torch.no_grad():
@@ -75,8 +79,14 @@ class Lookahead(Optimizer, GetAttr):
 
     def load_state_dict(self, sd):
         "Load a state dict from `state_dict` or from fastai's `Lookahead` (`count`, `slow_weights`); `sd` is not changed"
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            res = hook(self, sd)
+            if res is not None: sd = res
+        self._check_meta(sd)
         if 'count' not in sd: raise ValueError(f"`state_dict` for Lookahead has no `count`; keys: {sorted(sd)}")
-        rest = {k:v for k,v in sd.items() if k not in ('count', 'slow_weights')}
+        count = sd['count']
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0: raise ValueError(f"`state_dict['count']` must be an int >= 0, got {count!r}")
+        rest = {k:v for k,v in sd.items() if k not in ('count', 'slow_weights', 'fastopt')}
         slow = sd.get('slow_weights')
         if slow is not None:  # fastai format: slow weights as lists per group
             flat = [w for pg in slow for w in pg]
@@ -87,7 +97,9 @@ class Lookahead(Optimizer, GetAttr):
             for i,w in enumerate(flat): state[i]['slow_weight'] = w
             rest = {**rest, 'state': state}
         self.opt.load_state_dict(rest)
-        self.count = sd['count']
+        self.count = count
+        if 'fastopt' in sd: self.skipped_steps = sd['fastopt'].get('skipped_steps', 0)
+        for hook in self._optimizer_load_state_dict_post_hooks.values(): hook(self)
 
 # %% ../nbs/04_lookahead.ipynb #7a9dc5a0
 @delegates(RAdam)

@@ -19,7 +19,7 @@ from fastcore.basics import even_mults, store_attr, GetAttr, range_of
 
 # %% auto #0
 __all__ = ['hyper_checks', 'engines', 'default_engine', 'check_hyper', 'ParamGroup', 'Hypers', 'EagerEngine', 'get_engine',
-           'Optimizer']
+           'Optimizer', 'all_finite']
 
 # %% ../nbs/00_optimizer.ipynb #b960ae6b
 def _is_real(v):
@@ -164,6 +164,8 @@ def _check_params(groups, existing=()):
     for i,g in enumerate(groups):
         for p in g['params']:
             if not isinstance(p, Tensor): raise TypeError(f"`params` group {i} holds a {type(p).__name__}, not a tensor: {p!r}")
+            if p.is_complex(): raise TypeError(f"`params` group {i} holds a complex parameter of shape {tuple(p.shape)}; fastopt's callbacks "
+                "are written for real tensors: store it as a real parameter with a trailing dimension of 2 and use `torch.view_as_complex` in the forward pass")
             if not p.is_leaf and not p.retains_grad: raise ValueError(f"`params` group {i} holds a non-leaf tensor of shape {tuple(p.shape)}")
             if id(p) in seen: raise ValueError(f"`params`: a parameter of shape {tuple(p.shape)} appears more than once (group {i})")
             seen.add(id(p))
@@ -195,6 +197,7 @@ class Optimizer(torch.optim.Optimizer):
         params:Tensor|Iterable, # Model parameters, lists of parameters (one group each) or torch-style group dicts
         cbs:Callable|MutableSequence, # `Optimizer` step callbacks
         engine=None, # Engine name in `engines`, class or instance; `None` for `default_engine`
+        nonfinite:str|None=None, # Non-finite gradients: `None` steps anyway (fastai), 'skip' skips the step and counts it in `skipped_steps`, 'raise' raises
         **defaults # Hyper parameters default values
     ):
         if 'train_bn' in defaults:
@@ -216,6 +219,7 @@ class Optimizer(torch.optim.Optimizer):
         for g in groups: _check_hypers(g)
         self.cbs = cbs
         self._engine = get_engine(engine)
+        self.nonfinite,self.skipped_steps = nonfinite,0
         super().__init__(groups, ParamGroup(defaults))
         self.frozen_idx = 0
 
@@ -232,7 +236,15 @@ class Optimizer(torch.optim.Optimizer):
     @engine.setter
     def engine(self, v): self._engine = get_engine(v)
 
+    @property
+    def nonfinite(self): return self._nonfinite
+    @nonfinite.setter
+    def nonfinite(self, v):
+        if v not in (None, 'skip', 'raise'): raise ValueError(f"`nonfinite` must be None, 'skip' or 'raise', got {v!r}")
+        self._nonfinite = v
+
     def __setstate__(self, state):
+        state = {'_nonfinite': None, 'skipped_steps': 0, **state}
         super().__setstate__(state)
         self.param_groups = [g if isinstance(g, ParamGroup) else ParamGroup(g) for g in self.param_groups]
 
@@ -314,8 +326,38 @@ def _step(self, closure=None):
     loss = None
     if closure is not None:
         with torch.enable_grad(): loss = closure()
+    if not self._grads_ok(): return loss
     self.engine.step(self)
     return loss
+
+def all_finite(ts:Iterable[Tensor]) -> bool:
+    "True if every tensor in `ts` is finite, with a single host synchronisation (not one per tensor)"
+    by_dev = defaultdict(list)
+    for t in ts: by_dev[t.device].append(t)
+    if not by_dev: return True
+    # max |x| of each tensor is inf or nan exactly when the tensor has an inf or nan (and it cannot overflow, unlike the 2-norm)
+    flags = [torch.stack(torch._foreach_norm(o, float('inf'))).isfinite().all() for o in by_dev.values()]
+    dev = flags[0].device
+    return bool(torch.stack([f.to(dev, non_blocking=True) for f in flags]).all())
+
+def _grad_name(i, j, p): return f"parameter {j} of group {i} (shape {tuple(p.shape)}, {p.dtype})"
+
+def _grads_ok(self):
+    "Raise on sparse gradients; with `nonfinite` set, check all gradients at once: False when the step must be skipped"
+    grads = []
+    for i,g in enumerate(self.param_groups):
+        for j,p in enumerate(g['params']):
+            if p.grad is None: continue
+            if p.grad.layout != torch.strided: raise TypeError(f"{_grad_name(i, j, p)} has a sparse gradient ({p.grad.layout}); fastopt "
+                "optimizers need dense gradients: use `nn.Embedding(sparse=False)`, or `torch.optim.SparseAdam` through `OptimWrapper`")
+            grads.append(p.grad)
+    if self.nonfinite is None or all_finite(grads): return True
+    if self.nonfinite == 'raise':
+        bad = next(_grad_name(i, j, p) for i,g in enumerate(self.param_groups) for j,p in enumerate(g['params'])
+                   if p.grad is not None and not p.grad.isfinite().all())
+        raise FloatingPointError(f"Non-finite gradient in {bad}; the step was not taken (`nonfinite='raise'`)")
+    self.skipped_steps += 1
+    return False
 
 def _zero_grad(self, set_to_none:bool=False):
     "Zero the gradients in place (fastai), or drop them with `set_to_none=True` (torch)"
@@ -335,7 +377,7 @@ def _clear_state(self):
             st = self.state.get(p, {})
             self.state[p] = {k: st[k] for k in self._keep_on_clear if k in st}
 
-Optimizer.step,Optimizer.zero_grad,Optimizer.clear_state = _step,_zero_grad,_clear_state
+Optimizer.step,Optimizer.zero_grad,Optimizer.clear_state,Optimizer._grads_ok = _step,_zero_grad,_clear_state,_grads_ok
 
 # %% ../nbs/00_optimizer.ipynb #f69edad8
 def _to_torch_format(self, sd):
@@ -353,9 +395,36 @@ def _to_torch_format(self, sd):
         i += len(g['params'])
     return {'state': {j: s for j,s in enumerate(state) if s}, 'param_groups': groups}
 
+def _cb_name(cb):
+    while isinstance(cb, partial): cb = cb.func
+    return getattr(cb, '__name__', type(cb).__name__)
+
+def _meta(self):
+    "What `state_dict` records under `fastopt`: the optimizer's type, its callbacks' names and the skipped-step count"
+    return {'type': type(self).__name__, 'cbs': [_cb_name(cb) for cb in self.cbs], 'skipped_steps': self.skipped_steps}
+
+def _state_dict(self):
+    "torch's state dict (`state` by parameter index, `param_groups`) with a `fastopt` entry: optimizer type and callback names"
+    return {**torch.optim.Optimizer.state_dict(self), 'fastopt': self._meta()}
+
+def _check_meta(self, sd):
+    "Raise if `sd` was saved by an optimizer of another type or with other callbacks"
+    if not isinstance(sd, Mapping): raise TypeError(f"`state_dict` must be a dict, got {type(sd).__name__}")
+    meta = sd.get('fastopt')
+    if meta is None: return  # saved by torch or fastai: nothing to compare
+    if not isinstance(meta, Mapping): raise TypeError(f"`state_dict['fastopt']` must be a dict, got {type(meta).__name__}")
+    mine = self._meta()
+    if meta.get('type') != mine['type']:
+        raise ValueError(f"`state_dict` was saved by a {meta.get('type')!r} optimizer, this one is a {mine['type']!r}")
+    if list(meta.get('cbs', [])) != mine['cbs']:
+        raise ValueError(f"`state_dict` was saved by an optimizer with callbacks {list(meta.get('cbs', []))}, this one has {mine['cbs']}")
+    n = meta.get('skipped_steps', 0)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0: raise ValueError(f"`state_dict['fastopt']['skipped_steps']` must be an int >= 0, got {n!r}")
+
 def _check_state(self, sd):
     "Raise if torch-format `sd` does not fit this optimizer's groups, parameters and shapes"
     if not isinstance(sd, Mapping): raise TypeError(f"`state_dict` must be a dict, got {type(sd).__name__}")
+    self._check_meta(sd)
     if 'param_groups' not in sd or 'state' not in sd:
         raise ValueError(f"`state_dict` must have `state` and `param_groups` (torch) or `state` and `hypers` (fastai), got keys {sorted(sd)}")
     groups = sd['param_groups']
@@ -401,6 +470,8 @@ def _load_state_dict(self,
         for name,v in g.items():
             if name != 'params': mine[name] = deepcopy(v)
     self.state = new_state
+    if 'fastopt' in sd: self.skipped_steps = sd['fastopt'].get('skipped_steps', 0)
     for hook in getattr(self, '_optimizer_load_state_dict_post_hooks', {}).values(): hook(self)
 
 Optimizer._to_torch_format,Optimizer._check_state,Optimizer.load_state_dict = _to_torch_format,_check_state,_load_state_dict
+Optimizer._meta,Optimizer.state_dict,Optimizer._check_meta = _meta,_state_dict,_check_meta
