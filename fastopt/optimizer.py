@@ -169,6 +169,20 @@ def _check_params(groups, existing=()):
             if not p.is_leaf and not p.retains_grad: raise ValueError(f"`params` group {i} holds a non-leaf tensor of shape {tuple(p.shape)}")
             if id(p) in seen: raise ValueError(f"`params`: a parameter of shape {tuple(p.shape)} appears more than once (group {i})")
             seen.add(id(p))
+    # an empty group next to others is fine (a splitter may give one); no parameter at all is not
+    if not seen: raise ValueError(f"`params` holds no parameters ({len(groups)} empty group(s)): the optimizer has nothing to optimize")
+
+def _spread(k, v, n):
+    "`v` as `n` checked values, one per group: a scalar repeated, a list as is, a `slice` of learning rates spread"
+    orig = v
+    if isinstance(v, slice):
+        if v.start: v = even_mults(v.start, v.stop, n)
+        else: v = [v.stop/10]*(n-1) + [v.stop]
+    v = list(L(v, use_list=None))
+    if len(v) == 1: v = v*n
+    if len(v) != n: raise ValueError(f"Trying to set {len(v)} values for `{k}` but there are {n} parameter groups: {orig!r}")
+    for x in v: check_hyper(k, x)
+    return v
 
 def _check_hypers(hyper:Mapping, where=''):
     for k,v in hyper.items():
@@ -195,6 +209,12 @@ class Optimizer(torch.optim.Optimizer):
         defaults = {**{k:v for cb in cbs for k,v in _cb_defaults(cb).items()}, **defaults}
         groups = _as_groups(params)
         _check_params(groups)
+        # as in fastai, a list or a slice (`lr=slice(1e-3, 1e-1)`) gives one value per group; a group's own value wins
+        for k,v in list(defaults.items()):
+            if isinstance(v, (slice, list, L)):
+                vals = _spread(k, v, len(groups))
+                for g,x in zip(groups, vals): g.setdefault(k, x)
+                defaults[k] = vals[-1]
         _check_hypers(defaults)
         for g in groups: _check_hypers(g)
         self.cbs = cbs
@@ -261,16 +281,7 @@ def _all_params(self,
 Optimizer.all_params = _all_params
 
 # %% ../nbs/00_optimizer.ipynb #ddce96ac
-def _expand(self, k, v):
-    n = len(self.param_groups)
-    if isinstance(v, slice):
-        if v.start: v = even_mults(v.start, v.stop, n)
-        else: v = [v.stop/10]*(n-1) + [v.stop]
-    v = list(L(v, use_list=None))
-    if len(v) == 1: v = v*n
-    if len(v) != n: raise ValueError(f"Trying to set {len(v)} values for `{k}` but there are {n} parameter groups: {v!r}")
-    for x in v: check_hyper(k, x)
-    return v
+def _expand(self, k, v): return _spread(k, v, len(self.param_groups))
 
 def _set_hyper(self,
     k:str, # Hyper-parameter name
