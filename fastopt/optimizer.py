@@ -184,6 +184,19 @@ def _spread(k, v, n):
     for x in v: check_hyper(k, x)
     return v
 
+def _fastai_names(g:Mapping, known:Mapping) -> dict:
+    "Rename torch's `betas`/`momentum`/`weight_decay` in `g` to the fastai names `known` has, so a torch-style group sets them"
+    g = dict(g)
+    for k,names in (('betas', ('mom', 'sqr_mom')), ('momentum', ('mom',)), ('weight_decay', ('wd',))):
+        if k not in g or dict.__contains__(known, k) or not all(n in known for n in names): continue
+        both = [n for n in names if n in g]
+        if both: raise ValueError(f"A param group sets both `{k}` and `{both[0]}`: they name the same hyper-parameter")
+        v = g.pop(k)
+        if k != 'betas': g[names[0]] = v
+        elif isinstance(v, (tuple, list)) and len(v) == 2: g['mom'],g['sqr_mom'] = v
+        else: raise TypeError(f"`betas` must be a pair (mom, sqr_mom), got {v!r}")
+    return g
+
 def _check_hypers(hyper:Mapping, where=''):
     for k,v in hyper.items():
         if k != 'params': check_hyper(k, v)
@@ -206,8 +219,9 @@ class Optimizer(torch.optim.Optimizer):
         cbs = list(L(cbs))
         for cb in cbs:
             if not callable(cb): raise TypeError(f"`cbs` must hold callables, got {cb!r}")
-        defaults = {**{k:v for cb in cbs for k,v in _cb_defaults(cb).items()}, **defaults}
-        groups = _as_groups(params)
+        cb_defaults = {k:v for cb in cbs for k,v in _cb_defaults(cb).items()}
+        defaults = {**cb_defaults, **_fastai_names(defaults, cb_defaults)}
+        groups = [_fastai_names(g, defaults) for g in _as_groups(params)]
         _check_params(groups)
         # as in fastai, a list or a slice (`lr=slice(1e-3, 1e-1)`) gives one value per group; a group's own value wins
         for k,v in list(defaults.items()):
@@ -225,7 +239,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group:dict):
         "Add a group (a dict with `params` and optional hyper-parameters) as torch's `add_param_group` does"
-        groups = _as_groups(param_group)
+        groups = [_fastai_names(g, self.defaults) for g in _as_groups(param_group)]
         if len(groups) != 1: raise ValueError("`param_group` must describe exactly one group")
         _check_params(groups, [p for g in getattr(self, 'param_groups', []) for p in g['params']])
         _check_hypers(groups[0])

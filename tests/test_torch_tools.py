@@ -173,3 +173,22 @@ def test_clip_grad_norm(name):
         for p in ref_model.parameters(): p.grad.mul_(0.05 / (ref_total + 1e-6))
         ref_opt.step()
     for a,b in zip(model.parameters(), ref_model.parameters()): torch.testing.assert_close(a, b)
+
+@pytest.mark.parametrize('name', OPTS)
+def test_torch_names_in_groups(name):
+    "A torch-style group (or add_param_group) with `betas`/`momentum`/`weight_decay` sets fastai's hypers, which the step uses"
+    model, opt, _ = make(name)
+    d = opt.defaults
+    torch_kw = {}
+    if 'sqr_mom' in d and 'mom' in d: torch_kw['betas'] = (0.5, 0.6)
+    elif 'mom' in d: torch_kw['momentum'] = 0.5
+    if 'wd' in d: torch_kw['weight_decay'] = 0.2
+    fastai_kw = {'mom': 0.5, **({'sqr_mom': 0.6} if 'betas' in torch_kw else {}), **({'wd': 0.2} if 'weight_decay' in torch_kw else {})}
+    m1, m2 = make_model(), make_model()
+    o1 = OPTS[name]([{'params': list(m1[0].parameters()), **torch_kw}])
+    o1.add_param_group({'params': list(m1[2].parameters()), **torch_kw})
+    o2 = OPTS[name]([{'params': list(m2[0].parameters()), **fastai_kw}, {'params': list(m2[2].parameters()), **fastai_kw}])
+    assert [dict(h) for h in o1.hypers] == [dict(h) for h in o2.hypers]
+    assert not any(k in dict.keys(g) for g in o1.param_groups for k in ('betas', 'momentum', 'weight_decay'))
+    train(m1, o1, None, 0, 3); train(m2, o2, None, 0, 3)
+    assert_same(snapshot(m1, o1), snapshot(m2, o2))
