@@ -257,8 +257,16 @@ class Optimizer(torch.optim.Optimizer):
         if v not in (None, 'skip', 'raise'): raise ValueError(f"`nonfinite` must be None, 'skip' or 'raise', got {v!r}")
         self._nonfinite = v
 
+    def __getstate__(self):
+        "Every attribute but torch's hooks (torch's keeps only groups, state and defaults, so a copy lost the callbacks)"
+        state = {k:v for k,v in self.__dict__.items() if not (k.startswith('_optimizer_') and k.endswith('_hooks'))}
+        eng = state.get('_engine')
+        if type(eng) is engines.get(getattr(eng, 'name', None)): state['_engine'] = eng.name  # a registered engine travels by name
+        return state
+
     def __setstate__(self, state):
         state = {'_nonfinite': None, 'skipped_steps': 0, **state}
+        if isinstance(state.get('_engine'), str): state['_engine'] = get_engine(state['_engine'])
         super().__setstate__(state)
         self.param_groups = [g if isinstance(g, ParamGroup) else ParamGroup(g) for g in self.param_groups]
 

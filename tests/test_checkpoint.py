@@ -209,3 +209,18 @@ def test_bad_values(trained):
         sd = copy.deepcopy(opt.state_dict()); mutate(sd)
         with pytest.raises((ValueError, TypeError), match=msg.replace('[', r'\[').replace(']', r'\]')): opt.load_state_dict(sd)
         _unchanged(model, opt, before)
+
+@pytest.mark.parametrize('how', ['deepcopy', 'pickle'])
+@pytest.mark.parametrize('name', OPTS)
+def test_copy_and_pickle(name, how):
+    "A deep copy or a pickle of (model, optimizer) keeps callbacks, engine, settings and state, and trains identically"
+    import pickle
+    model, opt, _ = make(name)
+    opt.nonfinite = 'skip'
+    opt.register_step_post_hook(lambda *a: None)  # torch drops hooks from copies, and a lambda would not pickle
+    train(model, opt, None, 0, 3, bad_every=3)
+    m2, o2 = copy.deepcopy((model, opt)) if how == 'deepcopy' else pickle.loads(pickle.dumps((model, opt)))
+    assert o2.param_groups[0]['params'][0] is m2[0].weight and m2[0].weight is not model[0].weight
+    assert (o2.nonfinite, o2.skipped_steps, type(o2.engine)) == ('skip', 1, type(opt.engine))
+    train(model, opt, None, 3, 4, bad_every=3); train(m2, o2, None, 3, 4, bad_every=3)
+    assert_same(snapshot(m2, o2), snapshot(model, opt))
