@@ -89,7 +89,9 @@ def test_all_finite():
         for bad in (float('nan'), float('inf'), -float('inf')):
             t = torch.ones(5, dtype=dt); t[3] = bad
             assert not all_finite([torch.ones(2), t])
-    assert all_finite([torch.full((3,), 6e4, dtype=torch.float16)]*50)  # large but finite: no overflow in the check
+    assert all_finite([torch.full((3,), 6e4, dtype=torch.float16)]*50)  # fp16's 2-norm is summed in fp32: no overflow at 65504
+    assert all_finite([torch.full((3,), 1e30, dtype=torch.float64)])     # fp64 in fp64
+    assert not all_finite([torch.full((4,), 1e20)])  # documented: an fp32 gradient whose 2-norm overflows counts as non-finite
 
 @pytest.mark.parametrize('name', OPTS)
 def test_sparse_gradient(name):
