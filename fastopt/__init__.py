@@ -1,3 +1,9 @@
+"""fastai-style optimizers from composable callbacks, run as one fused pass, as real torch optimizers
+
+Modules:
+
+- `fastopt.batch_size`: Change the batch size from b to b′ and move the learning rate, the momentums and ε with it: the Lernapparat rule, the square-root rule for Adam, the linear rule for SGD, and a fastai callback that applies them."""
+
 __version__ = "0.1.0"
 # Hand-written (nbdev does not generate this file): the public API, fastai.optimizer's names first.
 from .optimizer import *
@@ -6,3 +12,4 @@ from .adaptive import *
 from .layerwise import *
 from .lookahead import *
 from .wrapper import *
+from .batch_size import *
