@@ -1,3 +1,9 @@
+"""fastai-style optimizers from composable callbacks, run as one fused pass, as real torch optimizers
+
+Modules:
+
+- `fastopt.zoo_lion_adan`: Two recent optimizers as a few callbacks each: Lion steps by the sign of an interpolated momentum, Adan adds a momentum of gradient *differences* (a Nesterov look-ahead without the extra forward pass)."""
+
 __version__ = "0.1.0"
 # Hand-written (nbdev does not generate this file): the public API, fastai.optimizer's names first.
 from .optimizer import *
@@ -6,3 +12,4 @@ from .adaptive import *
 from .layerwise import *
 from .lookahead import *
 from .wrapper import *
+from .zoo_lion_adan import *
