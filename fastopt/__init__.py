@@ -13,3 +13,4 @@ from .layerwise import *
 from .lookahead import *
 from .wrapper import *
 from .zoo_lion_adan import *
+from .zoo_adam_variants import *
