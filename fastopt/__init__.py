@@ -2,7 +2,8 @@
 
 Modules:
 
-- `fastopt.zoo_lion_adan`: Two recent optimizers as a few callbacks each: Lion steps by the sign of an interpolated momentum, Adan adds a momentum of gradient *differences* (a Nesterov look-ahead without the extra forward pass)."""
+- `fastopt.zoo_lion_adan`: Two recent optimizers as a few callbacks each: Lion steps by the sign of an interpolated momentum, Adan adds a momentum of gradient *differences* (a Nesterov look-ahead without the extra forward pass).
+- `fastopt.zoo_schedule_free`: No learning-rate schedule: train at the point `y`, evaluate at the running average `x`. A fastai callback switches the weights for validation and saving."""
 
 __version__ = "0.1.0"
 # Hand-written (nbdev does not generate this file): the public API, fastai.optimizer's names first.
@@ -14,3 +15,4 @@ from .lookahead import *
 from .wrapper import *
 from .zoo_lion_adan import *
 from .zoo_adam_variants import *
+from .zoo_schedule_free import *
