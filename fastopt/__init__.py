@@ -3,6 +3,7 @@
 Modules:
 
 - `fastopt.zoo_lion_adan`: Two recent optimizers as a few callbacks each: Lion steps by the sign of an interpolated momentum, Adan adds a momentum of gradient *differences* (a Nesterov look-ahead without the extra forward pass).
+- `fastopt.zoo_muon`: Orthogonalised momentum for the 2-D weights, AdamW for the rest: a matrix operation as a callback, and a callback that routes each parameter to its own chain.
 - `fastopt.zoo_schedule_free`: No learning-rate schedule: train at the point `y`, evaluate at the running average `x`. A fastai callback switches the weights for validation and saving."""
 
 __version__ = "0.1.0"
@@ -16,3 +17,4 @@ from .wrapper import *
 from .zoo_lion_adan import *
 from .zoo_adam_variants import *
 from .zoo_schedule_free import *
+from .zoo_muon import *
