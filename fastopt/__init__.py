@@ -2,6 +2,7 @@
 
 Modules:
 
+- `fastopt.zoo_lamb`: Three ways to clip LAMB's trust ratio (fastai's, the paper's, timm's), each a single step callback after Adam's averages.
 - `fastopt.zoo_lion_adan`: Two recent optimizers as a few callbacks each: Lion steps by the sign of an interpolated momentum, Adan adds a momentum of gradient *differences* (a Nesterov look-ahead without the extra forward pass).
 - `fastopt.zoo_muon`: Orthogonalised momentum for the 2-D weights, AdamW for the rest: a matrix operation as a callback, and a callback that routes each parameter to its own chain.
 - `fastopt.zoo_schedule_free`: No learning-rate schedule: train at the point `y`, evaluate at the running average `x`. A fastai callback switches the weights for validation and saving."""
@@ -18,3 +19,4 @@ from .zoo_lion_adan import *
 from .zoo_adam_variants import *
 from .zoo_schedule_free import *
 from .zoo_muon import *
+from .zoo_lamb import *
