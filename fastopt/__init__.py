@@ -20,3 +20,4 @@ from .zoo_adam_variants import *
 from .zoo_schedule_free import *
 from .zoo_muon import *
 from .zoo_lamb import *
+from .zoo import *
