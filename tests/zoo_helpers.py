@@ -3,8 +3,6 @@ from copy import deepcopy
 import torch
 from torch import nn
 
-torch.set_num_threads(1)
-
 def make_model(seed=0):
     "A small random model with 2-D weights, 1-D biases and a LayerNorm"
     torch.manual_seed(seed)
