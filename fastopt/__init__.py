@@ -18,3 +18,9 @@ from .torch_compat import *
 from .batch_size import *
 from .smooth import *
 from .stability import *
+from .zoo_lion_adan import *
+from .zoo_adam_variants import *
+from .zoo_schedule_free import *
+from .zoo_muon import *
+from .zoo_lamb import *
+from .zoo import *
