@@ -14,11 +14,12 @@ from torch import Tensor
 from .optimizer import Optimizer, hyper_checks, _real_in
 from .sgd import weight_decay, l2_reg, average_grad
 from .adaptive import average_sqr_grad, step_stat, debias, adam_step
+from .stability import amsgrad_sqr_avg
 
 # %% auto #0
-__all__ = ['nadam_step', 'NAdam', 'amsgrad_max', 'amsgrad_step', 'AMSGrad', 'average_inf_grad', 'adamax_step', 'Adamax',
-           'stable_adamw_step', 'StableAdamW', 'debiased_beta', 'debiased_average_grad', 'debiased_average_sqr_grad',
-           'kahan_adam_step', 'KahanAdamW']
+__all__ = ['nadam_step', 'NAdam', 'amsgrad_step', 'AMSGrad', 'average_inf_grad', 'adamax_step', 'Adamax', 'stable_adamw_step',
+           'StableAdamW', 'debiased_beta', 'debiased_average_grad', 'debiased_average_sqr_grad', 'kahan_adam_step',
+           'KahanAdamW']
 
 # %% ../nbs/41_adam_variants.ipynb #4e0252d3
 def _adam_cbs(decouple_wd, *rest):
@@ -54,12 +55,6 @@ def NAdam(
     return Optimizer(params, _adam_cbs(decouple_wd, nadam_step), lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, mom_decay=mom_decay)
 
 # %% ../nbs/41_adam_variants.ipynb #591d5d87
-def amsgrad_max(p, sqr_avg, max_sqr_avg=None, **kwargs):
-    "Keep the running maximum of `sqr_avg` in `max_sqr_avg`"
-    if max_sqr_avg is None: max_sqr_avg = torch.zeros_like(sqr_avg)
-    torch.maximum(max_sqr_avg, sqr_avg, out=max_sqr_avg)
-    return {'max_sqr_avg': max_sqr_avg}
-
 def amsgrad_step(p, max_sqr_avg, **kwargs):
     "`adam_step` dividing by the running maximum `max_sqr_avg` instead of `sqr_avg`"
     return adam_step(p, **{**kwargs, 'sqr_avg': max_sqr_avg})
@@ -75,7 +70,7 @@ def AMSGrad(
     decouple_wd:bool=False, # Apply true weight decay (torch's `AdamW(amsgrad=True)`) or L2 (`Adam(amsgrad=True)`)
 ) -> Optimizer:
     "An AMSGrad `Optimizer` (torch's `Adam(amsgrad=True)` and its defaults)"
-    return Optimizer(params, _adam_cbs(decouple_wd, amsgrad_max, amsgrad_step), lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, _adam_cbs(decouple_wd, amsgrad_sqr_avg, amsgrad_step), lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 # %% ../nbs/41_adam_variants.ipynb #579cd8cb
 def average_inf_grad(p, sqr_mom, eps, inf_avg=None, **kwargs):
