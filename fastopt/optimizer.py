@@ -232,6 +232,10 @@ class Optimizer(torch.optim.Optimizer):
     @engine.setter
     def engine(self, v): self._engine = get_engine(v)
 
+    def __getstate__(self):
+        "Everything but torch's hooks (torch's own `__getstate__` keeps only groups, state and defaults: no `cbs`)"
+        return {k:v for k,v in self.__dict__.items() if not k.startswith('_optimizer_') and k != '_zero_grad_profile_name'}
+
     def __setstate__(self, state):
         super().__setstate__(state)
         self.param_groups = [g if isinstance(g, ParamGroup) else ParamGroup(g) for g in self.param_groups]

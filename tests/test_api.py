@@ -232,3 +232,27 @@ def test_optim_wrapper_hypers():
     assert fo.OptimWrapper(opt=built).opt is built
     with pytest.raises(ValueError): fo.OptimWrapper(ps, opt=built)
     with pytest.raises(ValueError): fo.OptimWrapper()
+
+
+@pytest.mark.parametrize('copy_fn', ['deepcopy', 'pickle'])
+@pytest.mark.parametrize('opt_func', [fo.Adam, fo.ranger, partial(fo.SGD, mom=0.9)], ids=['Adam', 'ranger', 'SGD'])
+def test_copy_continues_identically(opt_func, copy_fn):
+    "A copied optimizer (with its copied params) keeps cbs, engine, state, Lookahead's count, and steps alike"
+    import copy, pickle
+    torch.manual_seed(0)
+    ps = [nn.Parameter(torch.randn(3)) for _ in range(4)]
+    opt = opt_func([ps[:2], ps[2:]], lr=1e-2)
+    opt.freeze_to(0)
+    for _ in range(3):
+        for p in ps: p.grad = torch.randn(3)
+        opt.step()
+    opt2 = copy.deepcopy(opt) if copy_fn == 'deepcopy' else pickle.loads(pickle.dumps(opt))
+    ps2 = [p for g in opt2.param_groups for p in g['params']]
+    name = lambda c: getattr(c, '__name__', None) or c.func.__name__
+    assert [name(c) for c in opt2.cbs] == [name(c) for c in opt.cbs]
+    assert type(opt2.engine) is type(opt.engine) and getattr(opt2, 'count', 0) == getattr(opt, 'count', 0)
+    for _ in range(4):
+        gs = [torch.randn(3) for _ in ps]
+        for p, q, g in zip(ps, ps2, gs): p.grad, q.grad = g, g.clone()
+        opt.step(); opt2.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, ps2))
