@@ -159,7 +159,7 @@ def _as_groups(params):
     return groups
 
 def _check_params(groups, existing=()):
-    "Raise if a group is empty, holds a non-tensor, or a parameter appears twice"
+    "Raise if there is no parameter at all, a group holds a non-tensor, or a parameter appears twice"
     seen = {id(p) for p in existing}
     for i,g in enumerate(groups):
         for p in g['params']:
