@@ -256,3 +256,32 @@ def test_copy_continues_identically(opt_func, copy_fn):
         for p, q, g in zip(ps, ps2, gs): p.grad, q.grad = g, g.clone()
         opt.step(); opt2.step()
     assert all(torch.equal(p, q) for p, q in zip(ps, ps2))
+
+
+# -- no host reads of tensor values in a step (fastai's lamb_step/larc_layer_lr compare tensors in Python) -------------
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    "Record every read of a tensor's value on the host (`bool(t)`, `t.item()`, `float(t)`...) during a step"
+    names = {'__bool__', 'item', '__float__', '__int__', '__index__', 'tolist'}
+    def __init__(self): super().__init__(); self.calls = []
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, '__name__', '') in self.names: self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('name,kw', [('Lamb', {}), ('Larc', {}), ('Larc', dict(clip=False)), ('Adam', {}),
+                                     ('RAdam', {}), ('QHAdam', {}), ('RMSProp', {}), ('SGD', dict(mom=0.9)),
+                                     ('ranger', {})], ids=str)
+def test_no_host_reads(name, kw):
+    ps = [nn.Parameter(torch.randn(3)) for _ in range(2)]
+    opt = getattr(fo, name)(ps, lr=1e-2, **kw)
+    for _ in range(7):  # RAdam: past the un-rectified steps; ranger: past a lookahead sync
+        for p in ps: p.grad = torch.randn(3)
+        with _HostReads() as rec: opt.step()
+        assert rec.calls == [], rec.calls
+    if name == 'Lamb' or name == 'Larc' and kw.get('clip', True):  # the check sees fastai's reads, so it would see ours
+        qs = [nn.Parameter(torch.randn(3)) for _ in range(2)]
+        opt = getattr(fa, name)(qs, lr=1e-2, **kw)
+        for q in qs: q.grad = torch.randn(3)
+        with _HostReads() as rec: opt.step()
+        assert rec.calls
