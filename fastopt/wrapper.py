@@ -81,10 +81,12 @@ class OptimWrapper(GetAttr):
 
     def set_hyper(self, k, v):
         "Set hyper-parameter `k` (fastai's name) to `v` (a value, a list per group, or a slice) on the wrapped optimizer"
-        self._set_hyper(k, _spread(k, v, len(self.opt.param_groups)))
+        self._set_hyper(k, _spread(k, v, len(self.opt.param_groups)))  # checked as `Optimizer.set_hyper` checks
 
     def set_hypers(self, **kwargs):
-        for k,v in kwargs.items(): self.set_hyper(k, v)
+        "Set several hyper-parameters at once; all are checked before any is set"
+        vals = {k: _spread(k, v, len(self.opt.param_groups)) for k,v in kwargs.items()}
+        for k,v in vals.items(): self._set_hyper(k, v)
 
     def clear_state(self): self.opt.state = defaultdict(dict, {})
 
