@@ -6,3 +6,5 @@ from .adaptive import *
 from .layerwise import *
 from .lookahead import *
 from .wrapper import *
+
+from .precision import *
