@@ -4,7 +4,9 @@ One machine, 2 processes on CPU:
     torchrun --nproc_per_node 2 examples/distrib_learner.py
 Two machines (run on each, NODE_RANK 0 and 1, MASTER the address of node 0):
     torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 1 --master_addr $MASTER --master_port 29500 examples/distrib_learner.py
-`--out FILE` makes rank 0 save the final parameters (and each rank's view of them) for checking.
+`--out FILE` makes each rank save its final parameters to FILE.RANK. `python examples/distrib_learner.py --reference 2
+--out FILE` trains the same Learner in one process on the concatenated batches of the 2 ranks (what DDP's gradient
+averaging computes) and saves FILE.ref (it must be a separate, non-distributed process: fastai gathers across ranks).
 """
 import argparse, os
 import torch
@@ -27,8 +29,9 @@ def get_learner(opt_func, n=256, bs=32, world=1):
     "A small regression `Learner`; `world>1` orders the data as the concatenated per-rank batches of a `world`-process run"
     torch.manual_seed(0)
     X = torch.randn(n, 8); Y = X @ torch.randn(8, 1) + 0.1
-    if world > 1:  # `DistributedDL` gives rank r the r-th contiguous slice of each epoch: batch i of the whole run
-        idx = torch.arange(n).view(world, -1, bs).transpose(0, 1).flatten()  # is batch i of every rank, concatenated
+    if world > 1:  # `DistributedDL` gives rank r the r-th contiguous slice of each epoch; one step of a
+        # `world`-process run sees batch i of every rank, so reorder the data so that batch i here is all of those
+        idx = torch.arange(n).view(world, -1, bs).transpose(0, 1).flatten()
         X,Y,bs = X[idx],Y[idx],bs*world
     dls = DataLoaders.from_dsets(list(zip(X, Y)), list(zip(X[:64], Y[:64])), bs=bs, device='cpu', shuffle=False)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
@@ -38,13 +41,13 @@ if __name__ == '__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('--epochs', type=int, default=2)
     ap.add_argument('--out', default=None)
-    ap.add_argument('--reference', type=int, default=0, help='run in one process on the batches of a WORLD-process run')
+    ap.add_argument('--reference', type=int, default=0, help='train in 1 process on the batches of a REFERENCE-process run')
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.reference:
-        learn = get_learner(fastopt.Adam, world=args.reference)
-        learn.fit(args.epochs, 1e-2)
-        torch.save({'params': torch.cat([p.detach().flatten() for p in learn.model.parameters()])}, f"{args.out}.ref")
+        ref = get_learner(fastopt.Adam, world=args.reference)
+        ref.fit(args.epochs, 1e-2)
+        torch.save({'params': torch.cat([p.detach().flatten() for p in ref.model.parameters()])}, f"{args.out}.ref")
         raise SystemExit
     learn = get_learner(fastopt.Adam)
     # Accelerate picks the backend: gloo on CPU (it needs `cpu=True` to go multi-process there), nccl on GPUs
@@ -53,5 +56,5 @@ if __name__ == '__main__':
     assert isinstance(learn.opt, torch.optim.Optimizer)
     params = torch.cat([p.detach().flatten() for p in learn.model.parameters()])
     if args.out:
-        torch.save({'rank': rank_distrib(), 'world': num_distrib(), 'params': params,
-                    'opt_type': type(learn.opt).__name__}, f"{args.out}.{rank_distrib()}")
+        torch.save({'rank': rank_distrib(), 'world': num_distrib(), 'params': params, 'opt_type': type(learn.opt).__name__,
+                    'losses': [v[:2] for v in learn.recorder.values]}, f"{args.out}.{rank_distrib()}")
