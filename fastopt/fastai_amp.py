@@ -7,7 +7,7 @@ Docs: https://fastopt.github.io/fastopt/fastai_amp.html.md"""
 # %% auto #0
 __all__ = ['DeviceMixedPrecision']
 
-# %% ../nbs/22a_fastai_amp.ipynb #10c87b5b
+# %% ../nbs/22a_fastai_amp.ipynb #7369cdfa
 import torch
 from torch.amp import GradScaler, autocast
 from fastcore.foundation import L
