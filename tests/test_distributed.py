@@ -23,9 +23,18 @@ def torchrun(script, out, *args, timeout=240):
     assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{stdout[-3000:]}\n{stderr[-5000:]}"
     return [torch.load(f'{out}.{rank}', weights_only=False) for rank in range(2)]
 
-@pytest.fixture(scope='module')
-def checks(tmp_path_factory):
-    return torchrun('distributed_checks.py', tmp_path_factory.mktemp('dist')/'checks')
+@pytest.fixture(scope='session')
+def checks(tmp_path_factory, request):
+    "The 2-process checks, run once per test session even when pytest-xdist spreads these tests over workers"
+    worker = getattr(request.config, 'workerinput', {}).get('workerid')
+    if worker is None: return torchrun('distributed_checks.py', tmp_path_factory.mktemp('dist')/'checks')
+    from filelock import FileLock
+    out = tmp_path_factory.getbasetemp().parent/'fastopt_distributed_checks'  # shared by this session's workers
+    with FileLock(f'{out}.lock'):
+        if not Path(f'{out}.done').exists():
+            torchrun('distributed_checks.py', out)
+            Path(f'{out}.done').touch()
+    return [torch.load(f'{out}.{rank}', weights_only=False) for rank in range(2)]
 
 def no_error(res, prefix):
     errs = {k: v for r in res for k,v in r.items() if k.startswith(prefix) and k.endswith('_error')}
