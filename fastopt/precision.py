@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from .optimizer import Optimizer, _cb_defaults, _update
 from .adaptive import Adam
+from .lookahead import Lookahead
 
 # %% auto #0
 __all__ = ['precision_modes', 'FP32Math', 'fp32_math', 'AdamWKahan']
@@ -66,6 +67,8 @@ def fp32_math(
     "Make `opt` run its callback chain in fp32 for its bf16/fp16 parameters, rounding into them once a step; returns `opt`"
     if not isinstance(opt, Optimizer): raise TypeError(f"`opt` must be a fastopt `Optimizer`, got {type(opt).__name__}")
     if any(isinstance(cb, FP32Math) for cb in opt.cbs): raise ValueError("`opt` already runs its chain through `FP32Math`")
+    if mode == 'master' and isinstance(opt, Lookahead):
+        raise ValueError("`Lookahead` writes the weights outside the chain, which would leave the fp32 master stale: use mode='kahan'")
     opt.cbs = [FP32Math(opt.cbs, mode)]
     return opt
 

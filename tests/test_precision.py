@@ -145,3 +145,13 @@ def test_fastai_device_mixed_precision(amp_mode):
     vals = learn.recorder.values
     assert vals[-1][1] < vals[0][1]
     assert isinstance(learn.opt, torch.optim.Optimizer)
+
+def test_lookahead_kahan_helps_master_refused():
+    "ranger (Lookahead) writes the weights outside the chain: 'master' is refused, 'kahan' still helps"
+    from fastopt import ranger
+    mk = lambda ps: ranger(ps, lr=1e-3)
+    ref = train(mk, torch.float32, steps=120)
+    plain = rel_err(train(mk, torch.bfloat16, steps=120), ref, 0)
+    kahan = rel_err(train(lambda ps: fp32_math(mk(ps), 'kahan'), torch.bfloat16, steps=120), ref, 0)
+    assert kahan < plain / 1.5, (plain, kahan)
+    with pytest.raises(ValueError, match="mode='kahan'"): fp32_math(mk([torch.zeros(2, requires_grad=True)]), 'master')
