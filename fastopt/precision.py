@@ -69,6 +69,10 @@ def fp32_math(
     if any(isinstance(cb, FP32Math) for cb in opt.cbs): raise ValueError("`opt` already runs its chain through `FP32Math`")
     if mode == 'master' and isinstance(opt, Lookahead):
         raise ValueError("`Lookahead` writes the weights outside the chain, which would leave the fp32 master stale: use mode='kahan'")
+    for p,st in opt.state.items():  # state from steps already taken in bf16 continues in fp32
+        if p.dtype in _low_precision:
+            for k,v in st.items():
+                if isinstance(v, Tensor) and v.dtype == p.dtype: st[k] = v.float()
     opt.cbs = [FP32Math(opt.cbs, mode)]
     return opt
 
