@@ -1,7 +1,7 @@
 """Train a fastai `Learner` with a fastopt optimizer across processes (or machines).
 
 One machine, 2 processes on CPU:
-    torchrun --nproc_per_node 2 examples/distrib_learner.py
+    torchrun --standalone --nproc_per_node 2 examples/distrib_learner.py
 Two machines (run on each, NODE_RANK 0 and 1, MASTER the address of node 0):
     torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 1 --master_addr $MASTER --master_port 29500 examples/distrib_learner.py
 `--out FILE` makes each rank save its final parameters to FILE.RANK. `python examples/distrib_learner.py --reference 2

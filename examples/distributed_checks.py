@@ -1,7 +1,7 @@
 """fastopt on torch.distributed's engines: DDP, ZeroRedundancyOptimizer and FSDP2 (`fully_shard`), checked against
 one process on the whole batch. Runs on CPU with gloo (or on GPUs with nccl):
 
-    torchrun --nproc_per_node 2 examples/distributed_checks.py --out /tmp/checks
+    torchrun --standalone --nproc_per_node 2 examples/distributed_checks.py --out /tmp/checks
 
 Each rank writes `{out}.{rank}`: a dict of measured differences and facts, which tests/test_distributed.py checks.
 """
