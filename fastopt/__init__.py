@@ -24,3 +24,5 @@ from .zoo_schedule_free import *
 from .zoo_muon import *
 from .zoo_lamb import *
 from .zoo import *
+
+from .precision import *
