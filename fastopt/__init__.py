@@ -24,5 +24,4 @@ from .zoo_schedule_free import *
 from .zoo_muon import *
 from .zoo_lamb import *
 from .zoo import *
-
 from .precision import *
