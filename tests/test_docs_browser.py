@@ -44,7 +44,10 @@ def site():
         if not _docs_fresh(): _build_docs()
     handler = functools.partial(type('Quiet', (http.server.SimpleHTTPRequestHandler,), {'log_message': lambda *a: None}),
                                 directory=str(DOCS))
-    srv = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    class Server(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):  # the browser dropping a connection early is not an error
+            if not isinstance(sys.exc_info()[1], ConnectionError): super().handle_error(request, client_address)
+    srv = Server(('127.0.0.1', 0), handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f'http://127.0.0.1:{srv.server_address[1]}'
     srv.shutdown(); srv.server_close()
