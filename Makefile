@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: setup demo test sync-check nbtest pytest export soak bench clean
+.PHONY: setup demo test sync-check nbtest pytest export soak bench clean docs readme demo-snapshot browser-setup
 
 # torch 2.13.0 first (the local CPU wheel), then everything else constrained to it, so pip never pulls a CUDA build.
 $(STAMP): pyproject.toml constraints.txt
@@ -21,7 +21,8 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m fastopt.demo
 
-test: $(STAMP) sync-check nbtest pytest
+# `docs` before `pytest`: the browser test reads the freshly built _docs/ instead of building it again.
+test: $(STAMP) sync-check nbtest docs browser-setup pytest
 
 # The library must be exactly what the notebooks export.
 sync-check: $(STAMP)
@@ -29,12 +30,34 @@ sync-check: $(STAMP)
 	 (cd $$tmp && $(abspath $(BIN))/nbdev-export) && \
 	 if diff -r -x __pycache__ $$tmp/fastopt fastopt; then echo "sync-check: fastopt/ matches nbs/"; rm -rf $$tmp; \
 	 else echo "sync-check FAILED: run nbdev-export and commit nbs/ and fastopt/ together"; rm -rf $$tmp; exit 1; fi
+	@# README.md must be what nbs/index.ipynb generates (executes index.ipynb, ~20 s)
+	$(PY) -m fastopt.docs --check-readme
 
 nbtest: $(STAMP)
 	$(BIN)/nbdev-test --n-workers 2 --flags ''
 
 pytest: $(STAMP)
 	$(PY) -m pytest -n 2 tests
+
+# The docs site, from the notebooks (every notebook executed top to bottom, #| slow cells included), into _docs/;
+# also regenerates README.md from nbs/index.ipynb. Uses nbdev's Quarto pipeline where quarto is installed and configured.
+docs: $(STAMP)
+	$(PY) -m fastopt.docs
+
+readme: $(STAMP)
+	$(PY) -m fastopt.docs --readme
+
+# Record the demo's table and plot under nbs/images/, shown by index.ipynb (then `make readme` and commit them).
+demo-snapshot: $(STAMP)
+	$(PY) -m fastopt.demo --out nbs/images/demo_losses.png --table nbs/images/demo_results.md
+
+# Debian's chromium + chromium-driver for the browser test (tests/test_docs_browser.py); skipped when present.
+# If it cannot be installed (no root, no network) the browser test skips and says why.
+browser-setup:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then echo "browser-setup: chromium is installed"; \
+	 else cmd='apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver'; \
+	  if [ "$$(id -u)" = 0 ]; then sh -c "$$cmd"; else sudo -n sh -c "$$cmd"; fi \
+	  || echo "browser-setup: could not install chromium; the browser test will skip"; fi
 
 export: $(STAMP)
 	$(BIN)/nbdev-export

@@ -159,7 +159,7 @@ def _as_groups(params):
     return groups
 
 def _check_params(groups, existing=()):
-    "Raise if a group is empty, holds a non-tensor, or a parameter appears twice"
+    "Raise if there is no parameter at all, a group holds a non-tensor, or a parameter appears twice"
     seen = {id(p) for p in existing}
     for i,g in enumerate(groups):
         for p in g['params']:
@@ -256,6 +256,9 @@ class Optimizer(torch.optim.Optimizer):
     def nonfinite(self, v):
         if v not in (None, 'skip', 'raise'): raise ValueError(f"`nonfinite` must be None, 'skip' or 'raise', got {v!r}")
         self._nonfinite = v
+    def __getstate__(self):
+        "Everything but torch's hooks (torch's own `__getstate__` keeps only groups, state and defaults: no `cbs`)"
+        return {k:v for k,v in self.__dict__.items() if not k.startswith('_optimizer_') and k != '_zero_grad_profile_name'}
 
     def __getstate__(self):
         "Every attribute but torch's hooks (torch's keeps only groups, state and defaults, so a copy lost the callbacks)"

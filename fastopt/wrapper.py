@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from fastcore.basics import GetAttr, even_mults, range_of
 from fastcore.foundation import L
-from .optimizer import Optimizer
+from .optimizer import Optimizer, _spread
 
 # %% auto #0
 __all__ = ['pytorch_hp_map', 'detuplify_pg', 'set_item_pg', 'OptimWrapper']
@@ -81,17 +81,12 @@ class OptimWrapper(GetAttr):
 
     def set_hyper(self, k, v):
         "Set hyper-parameter `k` (fastai's name) to `v` (a value, a list per group, or a slice) on the wrapped optimizer"
-        n = len(self.opt.param_groups)
-        if isinstance(v, slice):
-            if v.start: v = even_mults(v.start, v.stop, n)
-            else: v = [v.stop/10]*(n-1) + [v.stop]
-        v = list(L(v, use_list=None))
-        if len(v) == 1: v = v*n
-        if len(v) != n: raise ValueError(f"Trying to set {len(v)} values for `{k}` but there are {n} parameter groups: {v!r}")
-        self._set_hyper(k, v)
+        self._set_hyper(k, _spread(k, v, len(self.opt.param_groups)))  # checked as `Optimizer.set_hyper` checks
 
     def set_hypers(self, **kwargs):
-        for k,v in kwargs.items(): self.set_hyper(k, v)
+        "Set several hyper-parameters at once; all are checked before any is set"
+        vals = {k: _spread(k, v, len(self.opt.param_groups)) for k,v in kwargs.items()}
+        for k,v in vals.items(): self._set_hyper(k, v)
 
     def clear_state(self): self.opt.state = defaultdict(dict, {})
 

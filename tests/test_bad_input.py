@@ -45,7 +45,7 @@ def snapshot(opt):
     return dict(
         hypers=[deepcopy(dict(h)) for h in opt.hypers],
         groups=[[id(p) for p in g['params']] for g in opt.param_groups],
-        defaults=deepcopy(dict(opt.defaults)),
+        defaults=deepcopy(dict(getattr(opt, 'defaults', {}))),
         state=[deepcopy(dict(opt.state[p])) if p in opt.state else None for p in ps],
         nstate=len(opt.state),
         params=[p.detach().clone() for p in ps],
@@ -316,3 +316,17 @@ def test_lookahead_bad_args(kw, names):
     with pytest.raises((ValueError, TypeError)) as ei: fo.Lookahead(fo.SGD(make_params(), lr=0.1), **kw)
     for n in names: assert n in str(ei.value)
     with pytest.raises(TypeError, match='`opt`'): fo.Lookahead(torch.optim.SGD(make_params(), lr=0.1))
+
+
+@pytest.mark.parametrize('k,v,exc,names', SET_BAD, ids=[f'{k}={v}' for k, v, *_ in SET_BAD])
+def test_optim_wrapper_set_hyper_bad(k, v, exc, names):
+    "OptimWrapper checks values like Optimizer (fastai's wrote anything, e.g. a negative lr, into the torch groups)"
+    ps = make_params()
+    w = fo.OptimWrapper([ps[:2], ps[2:]], opt=torch.optim.AdamW, lr=1e-2)
+    for p in ps: p.grad = torch.randn_like(p)
+    w.step()
+    before = deepcopy(w.opt.state_dict())
+    assert_raises_unchanged(w, lambda: w.set_hyper(k, v), exc, *names)
+    kw = {'wd': 0.5, k: v} if k != 'wd' else {'lr': 0.5, k: v}
+    assert_raises_unchanged(w, lambda: w.set_hypers(**kw), exc, *names)
+    assert deep_equal(w.opt.state_dict(), before)

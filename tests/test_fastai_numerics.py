@@ -122,6 +122,7 @@ CASES = [
 def test_same_as_fastai(name, kw):
     kw = dict(kw); lr = kw.pop('lr')
     ma, mb, oa, ob = make_opts(partial(getattr(fa, name), **kw), partial(getattr(fo, name), **kw), lr)
+    assert [dict(h) for h in ob.hypers] == [dict(h) for h in oa.hypers], "same hypers, defaults included"
     start = [p.detach().clone() for p in mb.parameters()]  # `unused` first: a module's own params precede its children's
     # fastai's `do_wd` state: no weight decay on biases (as `wd_bn_bias=False` does in a Learner)
     for o, m in ((oa, ma), (ob, mb)):
@@ -288,3 +289,18 @@ def test_fastopt_state_dict_roundtrip():
     assert set(sd) == {'state', 'param_groups', 'fastopt'}  # torch's keys plus fastopt's type/chain metadata
     ob.load_state_dict(sd)
     run_both(oa, ob, ma, mb, nsteps=20, seed=7)
+
+
+@pytest.mark.parametrize('name,hypers', [
+    ('SGD', dict(mom=[0.5, 0.8, 0.9], wd=[0., 0.1, 0.01])),
+    ('Adam', dict(mom=[0.8, 0.9, 0.95], sqr_mom=[0.9, 0.99, 0.999], wd=[0.1, 0., 0.01], eps=[1e-8, 1e-5, 1e-3])),
+    ('RAdam', dict(sqr_mom=[0.9, 0.99, 0.999], beta=[0., 5., 0.])),
+    ('Lamb', dict(wd=[0.1, 0., 0.01], eps=[1e-6, 1e-5, 1e-3])),
+])
+def test_per_group_hypers_same_as_fastai(name, hypers):
+    "Every hyper set per group (not just lr) and scheduled lr/mom: still fastai's numbers"
+    kw = {'mom': 0.9} if name == 'SGD' else {}
+    ma, mb, oa, ob = make_opts(partial(getattr(fa, name), **kw), partial(getattr(fo, name), **kw), 1e-2)
+    for o in (oa, ob): o.set_hypers(**hypers)
+    assert [dict(h) for h in ob.hypers] == [dict(h) for h in oa.hypers]
+    run_both(oa, ob, ma, mb, nsteps=50)

@@ -177,7 +177,7 @@ def test_learner_state_flags():
     # clear_state keeps the flags
     learn = make_learner(fo.Adam)
     with learn.no_logging(): learn.fit(1, 1e-2)
-    assert 'grad_avg' in learn.opt.state[m[0].weight] or True
+    assert 'grad_avg' in learn.opt.state[learn.model[0].weight]
     learn.opt.clear_state()
     st = learn.opt.state
     assert st[learn.model[2].weight] == {'do_wd': False, 'force_train': True}
@@ -326,3 +326,32 @@ def test_schedule_unread_hyper(opt_func):
     learn.opt.set_hyper('another', 'x')
     with learn.no_logging(): learn.fit(1, 1e-2)
     assert learn.opt.hypers[0]['another'] == 'x'
+
+
+@pytest.mark.parametrize('name,kw', [('Adam', dict(wd=0.1)), ('SGD', dict(mom=0.9)), ('ranger', dict())])
+def test_load_fastai_learner_checkpoint(name, kw, tmp_path):
+    "A checkpoint saved by a fastai Learner with fastai's optimizer loads into a Learner using fastopt's; both go on alike"
+    la = make_learner(partial(getattr(fa, name), **kw), tmp_path)
+    with la.no_logging(): la.fit_one_cycle(1, 1e-2)
+    la.save('fastai_ckpt', with_opt=True)
+    lb = make_learner(partial(getattr(fo, name), **kw), tmp_path, seed=1)
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter('always')
+        lb.load('fastai_ckpt', with_opt=True)
+    assert not [w for w in ws if 'optimizer state' in str(w.message)], [str(w.message) for w in ws]
+    assert isinstance(lb.opt, fo.Optimizer)
+    st_b = lb.opt.state[lb.model[0].weight]
+    st_a = la.opt.state[la.model[0].weight]
+    assert all(torch.equal(st_a[k], st_b[k]) if isinstance(st_a[k], torch.Tensor) else st_a[k] == st_b[k] for k in st_a)
+    for l in (la, lb):
+        l.dls = make_dls(seed=3)
+        with l.no_logging(): l.fit_one_cycle(1, 1e-2)
+    for pa, pb in zip(la.model.parameters(), lb.model.parameters()): assert (pa - pb).abs().max() <= 1e-6
+
+
+def test_default_splitter():
+    "fastai's default splitter (`trainable_params`, one L of tensors) gives one group"
+    from fastai.torch_core import trainable_params
+    learn = make_learner(fo.Adam, splitter=trainable_params)
+    with learn.no_logging(): learn.fit_one_cycle(1, 1e-2)
+    assert len(learn.opt.param_groups) == 1 and len(learn.opt.param_groups[0]['params']) == 6
