@@ -127,12 +127,8 @@ class BlowupGuard(Callback):
         if self.mode == 'restore' and self.eps_mult != 1 and 'eps' not in self.opt.hypers[0]:
             raise ValueError("`BlowupGuard(mode='restore', eps_mult=...)` needs an optimizer with an `eps` hyper")
         self.events,self.snap,self.restores,self.warned = [],None,0,False
-        self._restart(math.inf)
-
-    def _restart(self, best):
-        "Start watching afresh (after a restore): a new smoothed loss, its warm-up, the running minimum `best`"
         self.smooth.reset()
-        self.best,self.n,self.last_snap = best,0,-math.inf
+        self.best,self.n,self.last_snap = math.inf,0,-math.inf
 
     def after_batch(self):
         if not self.training: return
@@ -146,7 +142,8 @@ class BlowupGuard(Callback):
     def _snapshot(self, loss):
         self.last_snap = self.n
         self.snap = dict(model={k: v.detach().clone() for k,v in self.model.state_dict().items()},
-                         opt=deepcopy(self.opt.state_dict()), loss=loss, iter=self.train_iter)
+                         opt=deepcopy(self.opt.state_dict()), smooth=(self.smooth.raw.clone(), self.smooth.count),
+                         loss=loss, iter=self.train_iter)
 
     def _fire(self, loss):
         msg = (f"BlowupGuard: at training step {self.train_iter} the smoothed loss {loss:.4g} is above "
@@ -169,4 +166,6 @@ class BlowupGuard(Callback):
         self.events[-1].update(restored_iter=self.snap['iter'], eps=None if eps is None else [e*self.eps_mult for e in eps])
         warnings.warn(f"{msg}: restored the snapshot of step {self.snap['iter']}"
                       + ("" if eps is None else f", eps x {self.eps_mult:g}"))
-        self._restart(self.snap['loss'])
+        # carry on from the snapshot's smoothed loss, as if the batches since had not happened
+        self.smooth.raw,self.smooth.count = self.snap['smooth'][0].clone(),self.snap['smooth'][1]
+        self.best,self.last_snap = self.snap['loss'],self.n
