@@ -1,5 +1,6 @@
 """Why Adam can train fine for a long time and then get worse, and the fixes: a bigger ε, ε inside the square root,
-AMSGrad's running max, Adam-atan2 (no ε) and StableAdamW's update clipping, as callbacks.
+AMSGrad's running max, Adam-atan2 (no ε) and StableAdamW's update clipping, as callbacks; a scale-aware cap on the
+per-weight learning rate (`GuardedAdam`) and a fastai callback that watches the loss (`BlowupGuard`).
 
 Docs: https://fastopt.github.io/fastopt/epsilon.html.md"""
 
@@ -107,9 +108,11 @@ def GuardedAdam(
 _blowup_modes = ('warn', 'raise', 'restore')
 
 def _check_num(name, v, lo, lo_open=False, integer=False):
-    ok_type = isinstance(v, Integral) if integer else isinstance(v, Real)
-    if isinstance(v, bool) or not ok_type or math.isnan(v) or (v <= lo if lo_open else v < lo):
-        raise ValueError(f"`{name}` must be {'an int' if integer else 'a real number'} {'>' if lo_open else '>='} {lo}, got {v!r}")
+    "Raise a `TypeError`/`ValueError` naming `name` unless `v` is a real number (an int with `integer`) above `lo`"
+    desc = f"{'an int' if integer else 'a real number'} {'>' if lo_open else '>='} {lo}"
+    if isinstance(v, bool) or not isinstance(v, Integral if integer else Real):
+        raise TypeError(f"`{name}` must be {desc}, got {v!r} of type {type(v).__name__}")
+    if math.isnan(v) or (v <= lo if lo_open else v < lo): raise ValueError(f"`{name}` must be {desc}, got {v!r}")
 
 class BlowupGuard(Callback):
     "Watch the smoothed training loss; above `factor` times its minimum after `warmup` batches, warn, stop or restore"

@@ -215,9 +215,11 @@ def fit(guard=None, epochs=12, opt_func=partial(Adam, sqr_mom=0.99, eps=1e-8, wd
     return learn, [str(w.message) for w in ws if 'BlowupGuard' in str(w.message)]
 
 def test_blowup_guard_bad_args():
-    for kw in [dict(mode='fix'), dict(factor=1.), dict(factor='2'), dict(warmup=-1), dict(warmup=1.5), dict(snap_every=0),
+    for kw in [dict(mode='fix'), dict(factor=1.), dict(factor=float('nan')), dict(warmup=-1), dict(snap_every=0),
                dict(eps_mult=0.), dict(max_restores=-1), dict(beta=1.)]:
         with pytest.raises(ValueError, match=list(kw)[0]): BlowupGuard(**kw)
+    for kw in [dict(factor='2'), dict(warmup=1.5), dict(snap_every=True), dict(eps_mult=None)]:
+        with pytest.raises(TypeError, match=list(kw)[0]): BlowupGuard(**kw)
 
 def test_blowup_guard_warn_once_and_go_on():
     guard = BlowupGuard('warn')
