@@ -4,7 +4,7 @@ Modules:
 
 - `fastopt.batch_size`: Change the batch size from b to b′ and move the learning rate, the momentums and ε with it: the Lernapparat rule, the square-root rule for Adam, the linear rule for SGD, and a fastai callback that applies them.
 - `fastopt.smooth`: The debiased moving average of the loss that fastai reports, what its lag does to `lr_find`, and a suggestion function that corrects for it.
-- `fastopt.stability`: Why Adam can train fine for a long time and then get worse, and the fixes: a bigger ε, ε inside the square root, AMSGrad's running max, Adam-atan2 (no ε) and StableAdamW's update clipping, as callbacks."""
+- `fastopt.stability`: Why Adam can train fine for a long time and then get worse, and the fixes: a bigger ε, ε inside the square root, AMSGrad's running max, Adam-atan2 (no ε) and StableAdamW's update clipping, as callbacks; a scale-aware cap on the per-weight learning rate (`GuardedAdam`) and a fastai callback that watches the loss (`BlowupGuard`)."""
 
 __version__ = "0.1.0"
 # Hand-written (nbdev does not generate this file): the public API, fastai.optimizer's names first.

@@ -1,5 +1,6 @@
 """Why Adam can train fine for a long time and then get worse, and the fixes: a bigger ε, ε inside the square root,
-AMSGrad's running max, Adam-atan2 (no ε) and StableAdamW's update clipping, as callbacks.
+AMSGrad's running max, Adam-atan2 (no ε) and StableAdamW's update clipping, as callbacks; a scale-aware cap on the
+per-weight learning rate (`GuardedAdam`) and a fastai callback that watches the loss (`BlowupGuard`).
 
 Docs: https://fastopt.github.io/fastopt/epsilon.html.md"""
 
@@ -7,12 +8,23 @@ Docs: https://fastopt.github.io/fastopt/epsilon.html.md"""
 
 # %% ../nbs/34_epsilon.ipynb #1d2b6b20
 from __future__ import annotations
+import math, warnings
+from copy import deepcopy
+from functools import partial
+from numbers import Integral, Real
 import torch
-from .optimizer import hyper_checks, _real_in
-from .adaptive import debias
+try: from fastai.callback.core import Callback, CancelFitException
+except ImportError:  # fastai is optional: the step callbacks work without it, `BlowupGuard` needs it
+    class Callback: pass
+    class CancelFitException(Exception): pass
+from .optimizer import Optimizer, hyper_checks, _real_in
+from .sgd import weight_decay, l2_reg, average_grad
+from .adaptive import average_sqr_grad, step_stat, debias
+from .smooth import SmoothLoss
 
 # %% auto #0
-__all__ = ['adam_eps_step', 'amsgrad_sqr_avg', 'adam_atan2_step', 'stable_adam_step']
+__all__ = ['adam_eps_step', 'amsgrad_sqr_avg', 'adam_atan2_step', 'stable_adam_step', 'guarded_adam_step', 'GuardedAdam',
+           'BlowupGuard']
 
 # %% ../nbs/34_epsilon.ipynb #c88d4689
 def _bool_check(name, v):
@@ -58,3 +70,105 @@ def stable_adam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, wd=0., d
     p.data.sub_(lr_t * (grad_avg / debias(mom, 1-mom, step)) / v.sqrt().add_(eps))
 
 stable_adam_step.defaults = dict(eps=1e-6, wd=0.)
+
+# %% ../nbs/34_epsilon.ipynb #39f5052a
+hyper_checks.update(v_floor_ratio=_real_in(0, 1), v_floor_mom=_real_in(0, 1))
+
+def guarded_adam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, v_floor_ratio=1e-2, v_floor_mom=0.9999,
+                      v_scale=None, max_sqr_avg=None, **kwargs):
+    "Adam's step with `sqrt(v̂)` floored at `v_floor_ratio` times the tensor's peak RMS of `sqrt(v̂)`, released by `v_floor_mom`"
+    v = _sqr_avg_hat(sqr_avg, max_sqr_avg, sqr_mom, step)
+    rms = v.mean().sqrt()  # 0-d tensors all the way: no `.item()`, no host sync
+    v_scale = rms if v_scale is None else torch.maximum(v_scale*v_floor_mom, rms)
+    denom = torch.maximum(v.sqrt(), v_scale*v_floor_ratio).add_(eps)
+    p.data.addcdiv_(grad_avg, denom, value=-lr/debias(mom, 1-mom, step))
+    return {'v_scale': v_scale}
+
+guarded_adam_step.defaults = dict(eps=1e-5, v_floor_ratio=1e-2, v_floor_mom=0.9999)
+
+# %% ../nbs/34_epsilon.ipynb #265b4814
+def GuardedAdam(
+    params, # Model parameters
+    lr:float|slice, # Default learning rate
+    mom:float=0.9, # Gradient moving average (β1) coefficient
+    sqr_mom:float=0.99, # Gradient squared moving average (β2) coefficient
+    eps:float=1e-5, # Added for numerical stability
+    wd:Real=0.01, # Optional weight decay (true or L2)
+    decouple_wd:bool=True, # Apply true weight decay (AdamW) or L2 regularization (Adam)
+    v_floor_ratio:float=1e-2, # Floor of sqrt(v̂), as a fraction of the tensor's peak RMS of sqrt(v̂); 0: plain Adam
+    v_floor_mom:float=0.9999, # The peak decays by this factor per step (1: never forgets)
+) -> Optimizer:
+    "An Adam/AdamW `Optimizer` whose per-weight learning rate is capped by `guarded_adam_step`"
+    cbs = [weight_decay] if decouple_wd else [l2_reg]
+    cbs += [partial(average_grad, dampening=True), average_sqr_grad, step_stat, guarded_adam_step]
+    return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd,
+                     v_floor_ratio=v_floor_ratio, v_floor_mom=v_floor_mom)
+
+# %% ../nbs/34_epsilon.ipynb #bbc99f3a
+_blowup_modes = ('warn', 'raise', 'restore')
+
+def _check_num(name, v, lo, lo_open=False, integer=False):
+    "Raise a `TypeError`/`ValueError` naming `name` unless `v` is a real number (an int with `integer`) above `lo`"
+    desc = f"{'an int' if integer else 'a real number'} {'>' if lo_open else '>='} {lo}"
+    if isinstance(v, bool) or not isinstance(v, Integral if integer else Real):
+        raise TypeError(f"`{name}` must be {desc}, got {v!r} of type {type(v).__name__}")
+    if math.isnan(v) or (v <= lo if lo_open else v < lo): raise ValueError(f"`{name}` must be {desc}, got {v!r}")
+
+class BlowupGuard(Callback):
+    "Watch the smoothed training loss; above `factor` times its minimum after `warmup` batches, warn, stop or restore"
+    order = 55  # after the Recorder (50), which logs the loss of the batch that fired
+    def __init__(self, mode:str='warn', factor:float=4., warmup:int=100, snap_every:int=50, eps_mult:float=10.,
+                 max_restores:int=3, beta:float=0.98):
+        if mode not in _blowup_modes: raise ValueError(f"`mode` must be one of {_blowup_modes}, got {mode!r}")
+        _check_num('factor', factor, 1, lo_open=True); _check_num('eps_mult', eps_mult, 0, lo_open=True)
+        _check_num('warmup', warmup, 0, integer=True); _check_num('snap_every', snap_every, 1, integer=True)
+        _check_num('max_restores', max_restores, 0, integer=True)
+        self.mode,self.factor,self.warmup,self.snap_every,self.eps_mult = mode,factor,warmup,snap_every,eps_mult
+        self.max_restores,self.smooth = max_restores,SmoothLoss(beta)
+
+    def before_fit(self):
+        if self.mode == 'restore' and self.eps_mult != 1 and 'eps' not in self.opt.hypers[0]:
+            raise ValueError("`BlowupGuard(mode='restore', eps_mult=...)` needs an optimizer with an `eps` hyper")
+        self.events,self.snap,self.restores,self.warned = [],None,0,False
+        self.smooth.reset()
+        self.best,self.n,self.last_snap = math.inf,0,-math.inf
+
+    def after_batch(self):
+        if not self.training: return
+        loss = self.smooth.update(self.learn.loss).item()
+        self.n += 1
+        if loss < self.best:
+            self.best = loss
+            if self.mode == 'restore' and self.n - self.last_snap >= self.snap_every: self._snapshot(loss)
+        if self.n > self.warmup and not loss <= self.factor*self.best: self._fire(loss)  # `not <=`: NaN fires too
+
+    def _snapshot(self, loss):
+        self.last_snap = self.n
+        self.snap = dict(model={k: v.detach().clone() for k,v in self.model.state_dict().items()},
+                         opt=deepcopy(self.opt.state_dict()), smooth=(self.smooth.raw.clone(), self.smooth.count),
+                         loss=loss, iter=self.train_iter)
+
+    def _fire(self, loss):
+        msg = (f"BlowupGuard: at training step {self.train_iter} the smoothed loss {loss:.4g} is above "
+               f"{self.factor:g} x its minimum {self.best:.4g}")
+        ev = dict(iter=self.train_iter, loss=loss, best=self.best, action=self.mode)
+        self.events.append(ev)
+        if self.mode == 'warn':
+            if not self.warned: warnings.warn(msg + " (warning once)"); self.warned = True
+            return
+        if self.mode == 'restore' and self.snap is not None and self.restores < self.max_restores: return self._restore(msg)
+        if self.mode == 'restore': ev['action'] = 'raise'; msg += f"; {self.restores} restore(s) done, stopping"
+        warnings.warn(msg + ": stopping the fit"); raise CancelFitException(msg)
+
+    def _restore(self, msg):
+        eps = [h['eps'] for h in self.opt.hypers] if 'eps' in self.opt.hypers[0] else None
+        self.model.load_state_dict(self.snap['model'])
+        self.opt.load_state_dict(deepcopy(self.snap['opt']))  # a copy: the snapshot may serve again
+        if eps is not None and self.eps_mult != 1: self.opt.set_hyper('eps', [e*self.eps_mult for e in eps])
+        self.restores += 1
+        self.events[-1].update(restored_iter=self.snap['iter'], eps=None if eps is None else [e*self.eps_mult for e in eps])
+        warnings.warn(f"{msg}: restored the snapshot of step {self.snap['iter']}"
+                      + ("" if eps is None else f", eps x {self.eps_mult:g}"))
+        # carry on from the snapshot's smoothed loss, as if the batches since had not happened
+        self.smooth.raw,self.smooth.count = self.snap['smooth'][0].clone(),self.snap['smooth'][1]
+        self.best,self.last_snap = self.snap['loss'],self.n
