@@ -6,3 +6,5 @@ from .adaptive import *
 from .layerwise import *
 from .lookahead import *
 from .wrapper import *
+from .per_example import *
+from .bias_correction import *
