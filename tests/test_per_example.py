@@ -115,7 +115,8 @@ def test_attach_resets_after_step_and_adam_state():
         for p, s in zip(model.parameters(), s_true):
             torch.testing.assert_close(opt.state[p]['sqr_avg'], 0.1 * s, rtol=1e-10, atol=1e-14)
             assert p.sum_grad_sqr is None and p.n_examples == 0
-    assert not model[0]._forward_hooks
+    assert not model[0]._forward_hooks and not opt._optimizer_step_post_hooks
+    with pytest.raises(TypeError, match='torch.optim.Optimizer'): hooks.attach([opt])
 
 
 def test_rmsprop_and_fallback_without_hooks():
