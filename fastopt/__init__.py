@@ -25,3 +25,5 @@ from .zoo_muon import *
 from .zoo_lamb import *
 from .zoo import *
 from .precision import *
+from .per_example import *
+from .bias_correction import *
