@@ -6,3 +6,4 @@ from .adaptive import *
 from .layerwise import *
 from .lookahead import *
 from .wrapper import *
+from .fused import *
