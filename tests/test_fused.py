@@ -213,3 +213,14 @@ def test_cuda(opt_name):
     specs = [('plain', (5, 7)), ('channels_last', (3, 4)), ('0d', ()), ('plain', (300, 200))]
     assert_same(run_both(opt_name, specs, torch.float32, dict(lr=1e-2, mom=0.9, sqr_mom=0.99, wd=0.01), 4,
                          [[True, True, False], [True]*3], device='cuda'))
+
+def test_deepcopy():
+    "A copy of an optimizer (deepcopy, as fastai and checkpoint code do) gets a fresh engine and steps like the original"
+    m,opt = train('fused', steps=3)
+    m2 = copy.deepcopy(m); opt2 = Adam(m2.parameters(), lr=1e-2, wd=0.01); opt2.engine = 'fused'
+    opt2.load_state_dict(opt.state_dict())
+    eng = copy.deepcopy(opt.engine)
+    assert type(eng) is FusedEngine and eng is not opt.engine
+    for mm,oo in ((m, opt), (m2, opt2)):
+        torch.manual_seed(5); mm(torch.randn(16, 6)).pow(2).mean().backward(); oo.step()
+    for a,b in zip(m.parameters(), m2.parameters()): torch.testing.assert_close(a, b)
