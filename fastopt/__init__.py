@@ -27,3 +27,4 @@ from .zoo import *
 from .precision import *
 from .per_example import *
 from .bias_correction import *
+from .fused import *

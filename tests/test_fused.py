@@ -1,0 +1,226 @@
+"Fused engine == eager engine: property tests over shapes, dtypes, hypers and step counts, and the cases that break flat buffers"
+import copy, warnings
+from functools import partial
+import pytest, torch
+from torch import nn
+from hypothesis import given, settings, strategies as st, HealthCheck
+import fastopt
+from fastopt import *
+from fastopt import fused
+from fastopt.fused import FusedEngine
+
+torch.set_num_threads(1)
+SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+
+# every built-in optimizer, with hypers drawn so that the chain's structure stays fixed (fewer compiles)
+OPTS = {
+    'sgd':     lambda ps, h: SGD(ps, lr=h['lr'], wd=h['wd']),
+    'sgd_mom': lambda ps, h: SGD(ps, lr=h['lr'], mom=h['mom'], wd=h['wd']),
+    'sgd_l2':  lambda ps, h: SGD(ps, lr=h['lr'], mom=h['mom'], wd=h['wd'], decouple_wd=False),
+    'rmsprop': lambda ps, h: RMSProp(ps, lr=h['lr'], mom=h['mom'], sqr_mom=h['sqr_mom'], wd=h['wd']),
+    'adam':    lambda ps, h: Adam(ps, lr=h['lr'], mom=h['mom'], sqr_mom=h['sqr_mom'], wd=h['wd']),
+    'adam_l2': lambda ps, h: Adam(ps, lr=h['lr'], mom=h['mom'], sqr_mom=h['sqr_mom'], wd=h['wd'], decouple_wd=False),
+    'radam':   lambda ps, h: RAdam(ps, lr=h['lr'], mom=h['mom'], sqr_mom=h['sqr_mom'], wd=h['wd']),
+    'qhadam':  lambda ps, h: QHAdam(ps, lr=h['lr'], mom=h['mom'], sqr_mom=h['sqr_mom'], wd=h['wd']),
+    'larc':    lambda ps, h: Larc(ps, lr=h['lr'], mom=h['mom'], wd=h['wd']),
+    'lars':    lambda ps, h: Larc(ps, lr=h['lr'], mom=h['mom'], wd=h['wd'], clip=False),
+    'lamb':    lambda ps, h: Lamb(ps, lr=h['lr'], mom=h['mom'], sqr_mom=h['sqr_mom'], wd=h['wd']),
+    'ranger':  lambda ps, h: ranger(ps, lr=h['lr'], mom=h['mom'], sqr_mom=h['sqr_mom'], wd=h['wd'], k=2),
+}
+
+def make_param(kind, shape, dtype, gen):
+    if kind == '0d': t = torch.randn((), generator=gen)
+    elif kind == 'empty': t = torch.randn(0, 3, generator=gen)
+    elif kind == 'transposed': t = torch.randn(shape[1], shape[0], generator=gen).t()
+    elif kind == 'channels_last': t = torch.randn(2, shape[0], shape[1], 3, generator=gen).contiguous(memory_format=torch.channels_last)
+    elif kind == 'strided': t = torch.randn(shape[0], 2*shape[1], generator=gen)[:, ::2]   # not dense: stepped eagerly
+    else: t = torch.randn(*shape, generator=gen)
+    return nn.Parameter(t.to(dtype))
+
+kinds = st.sampled_from(['plain', 'plain', '0d', 'empty', 'transposed', 'channels_last', 'strided'])
+shapes = st.tuples(st.integers(1, 7), st.integers(1, 9))
+hypers = st.fixed_dictionaries(dict(lr=st.floats(1e-4, 0.1), mom=st.floats(0.5, 0.95), sqr_mom=st.floats(0.9, 0.999),
+                                    wd=st.floats(1e-3, 0.1)))
+
+def run_both(opt_name, specs, dtype, h, steps, grad_mask, seed=0, sched=True, device='cpu'):
+    "Step the same params with the eager and the fused engine; `grad_mask[s][i]` False leaves param i without a grad at step s"
+    out = []
+    for engine in ('eager', 'fused'):
+        gen = torch.Generator().manual_seed(seed)
+        ps = [make_param(k, s, dtype, gen) for k,s in specs]
+        if device != 'cpu': ps = [nn.Parameter(p.detach().to(device)) for p in ps]
+        opt = OPTS[opt_name](ps, dict(h)); opt.engine = engine
+        for s in range(steps):
+            for i,p in enumerate(ps):
+                g = torch.randn(p.shape, generator=gen).to(dtype).to(device)
+                p.grad = g if grad_mask[s % len(grad_mask)][i % len(grad_mask[0])] else None
+            if sched: opt.set_hypers(lr=h['lr']*(1 + s/10), mom=h['mom']*(1 - s/100))
+            opt.step()
+        out.append((ps, opt))
+    return out
+
+def assert_same(out, dtype=torch.float32):
+    (pe,oe),(pf,of) = out
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype != torch.bfloat16 else dict(atol=3e-2, rtol=3e-2)
+    for a,b in zip(pe, pf):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a.detach(), b.detach(), **tol)
+        se,sf = oe.state[a],of.state[b]
+        assert se.keys() == sf.keys()
+        for k in se:
+            if isinstance(se[k], torch.Tensor): torch.testing.assert_close(se[k], sf[k], **tol)
+            else: assert se[k] == sf[k], (k, se[k], sf[k])
+    assert of.engine.failed is None if hasattr(of.engine, 'failed') else True
+
+@pytest.mark.parametrize('opt_name', list(OPTS))
+@settings(max_examples=4, **SETTINGS)
+@given(specs=st.lists(st.tuples(kinds, shapes), min_size=1, max_size=6), h=hypers, steps=st.integers(1, 4),
+       mask=st.lists(st.lists(st.booleans(), min_size=3, max_size=3), min_size=1, max_size=3), seed=st.integers(0, 100))
+def test_fused_equals_eager(opt_name, specs, h, steps, mask, seed):
+    "Every built-in optimizer: fused == eager over random shapes, hypers, step counts and params without grads"
+    assert_same(run_both(opt_name, specs, torch.float32, h, steps, mask, seed))
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.bfloat16])
+@settings(max_examples=3, **SETTINGS)
+@given(specs=st.lists(st.tuples(kinds, shapes), min_size=1, max_size=5), h=hypers, steps=st.integers(1, 4), seed=st.integers(0, 100))
+def test_fused_dtypes(dtype, specs, h, steps, seed):
+    assert_same(run_both('adam', specs, dtype, h, steps, [[True, True, False], [True]*3], seed), dtype)
+
+def test_per_param_steps():
+    "Params that missed steps keep their own step count, and are stepped with it"
+    specs = [('plain', (4, 5))]*4
+    out = run_both('adam', specs, torch.float32, dict(lr=1e-2, mom=0.9, sqr_mom=0.99, wd=0.01), 6,
+                   [[True, False, True, True], [True, True, False, True], [False, True, True, True]])
+    assert_same(out)
+    steps = [out[1][1].state[p]['step'] for p in out[1][0]]
+    assert len(set(steps)) > 1, steps
+
+# ---- the things that break flat buffers: each must give what eager gives
+def model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+def train(engine, hook=None, steps=5, opt_f=partial(Adam, lr=1e-2, wd=0.01), zero='opt', groups=False):
+    m = model()
+    params = [list(m[:2].parameters()), list(m[3].parameters())] if groups else m.parameters()
+    opt = opt_f(params); opt.engine = engine
+    torch.manual_seed(1)
+    for s in range(steps):
+        if hook: m, opt = hook(s, m, opt) or (m, opt)
+        x = torch.randn(16, 6, dtype=next(m.parameters()).dtype)
+        m(x).pow(2).mean().backward()
+        opt.step()
+        if zero == 'opt': opt.zero_grad()
+        elif zero == 'none': opt.zero_grad(set_to_none=True)
+        else: m.zero_grad()
+    return m, opt
+
+def check(hook=None, **kw):
+    me,oe = train('eager', hook, **kw)
+    mf,of = train('fused', hook, **kw)
+    for a,b in zip(me.parameters(), mf.parameters()): torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for a,b in zip(me.parameters(), mf.parameters()):
+        for k,v in oe.state[a].items():
+            if isinstance(v, torch.Tensor): torch.testing.assert_close(v, of.state[b][k], atol=1e-5, rtol=1e-4)
+            else: assert v == of.state[b][k]
+    assert of.engine.failed is None
+    return mf, of
+
+def test_set_to_none(): check(zero='none')
+def test_model_zero_grad(): check(zero='model')
+
+def test_model_to():
+    def hook(s, m, opt):
+        if s == 2: m.to(torch.float64)
+    check(hook)
+
+def test_param_replaced():
+    def hook(s, m, opt):
+        if s == 2:
+            new = nn.Parameter(m[3].weight.detach().clone() * 0.5)
+            opt.param_groups[-1]['params'][0] = new; m[3].weight = new
+    check(hook)
+
+def test_param_data_replaced():
+    def hook(s, m, opt):
+        if s == 2: m[0].weight.data = m[0].weight.data.clone() * 2
+    check(hook)
+
+def test_freeze():
+    def hook(s, m, opt):
+        if s == 1: opt.freeze()
+        if s == 3: opt.unfreeze()
+    check(hook, groups=True)
+
+def test_add_param_group():
+    def hook(s, m, opt):
+        if s == 0:   # start with the first layer only, add the rest later
+            opt.param_groups[0]['params'] = list(m[0].parameters())
+        if s == 2: opt.add_param_group({'params': list(m[1].parameters()) + list(m[3].parameters()), 'lr': 3e-3})
+    check(hook, opt_f=partial(Adam, lr=1e-2))
+
+def test_load_state_dict_and_clear_state():
+    def hook(s, m, opt):
+        if s == 2: opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        if s == 3:
+            sd = opt.state_dict()
+            for st in sd['state'].values(): st['grad_avg'] = st['grad_avg'] * 0.5
+            opt.load_state_dict(sd)
+        if s == 4: opt.clear_state()
+    check(hook, steps=6)
+
+def test_state_views():
+    "State stays readable: tensors of the param's shape, in torch's state_dict, and writable in place"
+    m,opt = check(steps=3)
+    for p in m.parameters():
+        assert opt.state[p]['grad_avg'].shape == p.shape
+    sd = opt.state_dict()
+    assert all(v['grad_avg'].shape == p.shape for v,p in zip(sd['state'].values(), m.parameters()))
+
+def test_scheduler_no_recompile():
+    from torch._dynamo.utils import counters
+    m = model(); opt = Adam(m.parameters(), lr=1e-2, wd=0.01); opt.engine = 'fused'
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=20)
+    for s in range(20):
+        m(torch.randn(16, 6)).pow(2).mean().backward()
+        opt.step(); sched.step(); opt.zero_grad()
+        if s == 2: c0,g0 = fused.compile_count, counters['stats']['unique_graphs']
+    assert fused.compile_count == c0 and counters['stats']['unique_graphs'] == g0
+    assert opt.engine.failed is None
+
+def clip_host(p, **kwargs):
+    "A callback the engine cannot compile: a host sync on a tensor value"
+    if p.grad.abs().max().item() > 0.5: p.grad.data.clamp_(-0.5, 0.5)
+
+def test_fallback_one_warning():
+    def opt_f(ps): return Optimizer(ps, [weight_decay, clip_host, average_grad, momentum_step], lr=1e-2, wd=0.01)
+    me,oe = train('eager', opt_f=opt_f)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        mf,of = train('fused', opt_f=opt_f)
+    assert len([x for x in w if 'fused engine' in str(x.message)]) == 1
+    assert of.engine.failed and 'item' in of.engine.failed
+    for a,b in zip(me.parameters(), mf.parameters()): torch.testing.assert_close(a, b)
+
+def test_user_callback_compiles():
+    "A user-written fastai-style callback (seed 003's style) runs fused"
+    def sign_sgd(p, lr, **kwargs): p.data.add_(torch.sign(p.grad.data), alpha=-lr)
+    mf,of = check(opt_f=lambda ps: Optimizer(ps, [weight_decay, sign_sgd], lr=1e-2, wd=0.01))
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize('opt_name', ['adam', 'lamb', 'larc', 'radam'])
+def test_cuda(opt_name):
+    specs = [('plain', (5, 7)), ('channels_last', (3, 4)), ('0d', ()), ('plain', (300, 200))]
+    assert_same(run_both(opt_name, specs, torch.float32, dict(lr=1e-2, mom=0.9, sqr_mom=0.99, wd=0.01), 4,
+                         [[True, True, False], [True]*3], device='cuda'))
+
+def test_deepcopy():
+    "A copy of an optimizer (deepcopy, as fastai and checkpoint code do) gets a fresh engine and steps like the original"
+    m,opt = train('fused', steps=3)
+    m2 = copy.deepcopy(m); opt2 = Adam(m2.parameters(), lr=1e-2, wd=0.01); opt2.engine = 'fused'
+    opt2.load_state_dict(opt.state_dict())
+    eng = copy.deepcopy(opt.engine)
+    assert type(eng) is FusedEngine and eng is not opt.engine
+    for mm,oo in ((m, opt), (m2, opt2)):
+        torch.manual_seed(5); mm(torch.randn(16, 6)).pow(2).mean().backward(); oo.step()
+    for a,b in zip(m.parameters(), m2.parameters()): torch.testing.assert_close(a, b)
