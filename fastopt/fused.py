@@ -15,7 +15,8 @@ from . import optimizer as _optimizer
 from .optimizer import engines, EagerEngine, Hypers, _update
 
 # %% auto #0
-__all__ = ['BLOCK', 'compile_count', 'Untraceable', 'trace_chain', 'make_source', 'build_replay', 'FusedEngine', 'AutoEngine']
+__all__ = ['BLOCK', 'compile_count', 'Untraceable', 'trace_chain', 'make_source', 'build_replay', 'build_passes', 'FusedEngine',
+           'AutoEngine']
 
 # %% ../nbs/10_fused.ipynb #31f6c418
 class Untraceable(Exception):
@@ -211,7 +212,7 @@ def make_source(tape, in_ids, outs):
         return arg(a, expand)
     return g, lines, kinds, enc, cref
 
-def build_replay(tape, in_ids, in_kinds, outs_e, outs_s):
+def build_replay(tape, in_ids, in_kinds, outs_e, outs_s, nscal=None):
     "The tape as a python function `replay(ins, scal, seg, valid, seglen, dests)` (and its source), for `torch.compile`"
     g, lines, kinds, enc, cref = make_source(tape, in_ids, None)
     kinds.update(zip(in_ids, in_kinds))
@@ -226,6 +227,9 @@ def build_replay(tape, in_ids, in_kinds, outs_e, outs_s):
             elif b in ('norm', 'vector_norm'): e = f"_segsum({x}*{x}, seg, nseg, mask).sqrt().to({x}.dtype)"
             else: e = f"_segmax({x}, seg, nseg, mask)"
             if 'dtype' in kw: e += f".to({kw['dtype']})"
+        elif nscal is not None and b in ('div', 'true_divide') and len(eargs) == 2 and eargs[1][0] == 's' and not ekw:
+            e = f"torch.mul({a[0]}, scal[{nscal + eargs[1][1]}])"  # `scal` holds the reciprocals after the scalars
+            if inplace: e = f"{a[0]}.copy_({e})"
         elif b == 'softplus':
             e = f"_softplus({', '.join(a + [f'{k}={v}' for k,v in kw.items()])})"
         elif b in ('add', 'sub', 'addcmul', 'addcdiv') and any(k in kw for k in ('alpha', 'value')) and \
@@ -240,6 +244,107 @@ def build_replay(tape, in_ids, in_kinds, outs_e, outs_s):
     src = "def replay(ins, scal, seg, valid, seglen, dests):\n" + "\n".join(lines) + "\n"
     exec(compile(src, f"<fastopt-fused-{abs(hash(src))}>", 'exec'), g)
     return g['replay'], src
+
+# %% ../nbs/10_fused.ipynb #b7a1c2d4
+def _blocksum(x, mask):
+    "Sums of the valid elements of each block"
+    return torch.where(mask, x.to(torch.promote_types(x.dtype, torch.float32)), 0).sum(1)
+
+def _segadd(bs, blens):
+    "Block sums `bs` added up per segment of `blens` blocks (a library kernel: kept out of the loop over the blocks)"
+    return torch.segment_reduce(bs, 'sum', lengths=blens)
+
+def build_passes(tape, in_ids, in_kinds, st_out, finals_s, nscal=None):
+    """For a tape with per-tensor reductions: `pass1(ins, scal, seg, valid, seglen)`, which writes the new state in place
+    and returns the per-tensor values (`finals_s` first), and `pass2(ins, svals, scal, seg)`, which reads the parameter,
+    the gradient, the *new* state and those values, and writes the parameter (and the gradient, if the chain changes it).
+    `ins` are `[p, g]`, then the flat state buffers (`st_out`: the node each one ends as), then per-tensor state. Returns (pass1, pass2, source), or None
+    where the parameter's update needs a state value that pass 1 overwrote. With `nscal`, `scal` also holds the
+    reciprocals of the `nscal` scalars after them, and a division by a scalar becomes a multiplication."""
+    g, _, _, _, cref = make_source(tape, in_ids, None)
+    name = {i: f"n{i}" for i in in_ids}            # node id -> name of its current version (in-place ops make new ones)
+    kind = {f"n{i}": k for i,k in zip(in_ids, in_kinds)}
+    code,deps,order,pre = {},{},[],{}
+    g['_blocksum'],g['_segadd'] = _blocksum,_segadd
+    def ref(a, expand, used):
+        t,v = a
+        if t == 'n':
+            used.append(name[v])
+            return f"{name[v]}[seg][:, None]" if expand and kind[name[v]] == 'S' else name[v]
+        if t == 's': return f"scal[{v}]"
+        if t == 'l': return '(' + ', '.join(ref(o, expand, used) for o in v) + ',)'
+        if isinstance(v, (torch.dtype, torch.device, torch.memory_format)): return cref(v)
+        return repr(v)
+    for i,(func,b,eargs,ekw,oid,inplace,okind) in enumerate(tape):
+        used,expand = [],okind == 'E'
+        a = [ref(x, expand, used) for x in eargs]
+        kw = {k: ref(v, expand, used) for k,v in ekw}
+        if inplace: a[0] = f"{a[0]}.clone()"  # functional: the buffer read stays intact for the other pass
+        if b in _REDUCE:
+            x = a[0]
+            if b in ('sum', 'mean', 'norm', 'vector_norm'):  # sums per block, then per segment
+                pre[f"t{i}"] = f"bs{i} = _blocksum({x}*{x} if {b in ('norm', 'vector_norm')} else {x}, mask)"
+                e = f"_segadd(bs{i}, blens)"
+                e = {'sum': f"{e}.to({x}.dtype)", 'mean': f"({e} / seglen).to({x}.dtype)"}.get(b, f"{e}.sqrt().to({x}.dtype)")
+            else: e = f"_segmax({x}, seg, nseg, mask)"
+            if 'dtype' in kw: e += f".to({kw['dtype']})"
+        elif nscal is not None and b in ('div', 'true_divide') and len(eargs) == 2 and eargs[1][0] == 's' and not ekw:
+            e = f"torch.mul({a[0]}, scal[{nscal + eargs[1][1]}])"  # a vector division costs as much as the memory traffic
+        elif b == 'softplus': e = f"_softplus({', '.join(a + [f'{k}={v}' for k,v in kw.items()])})"
+        elif b in ('add', 'sub', 'addcmul', 'addcdiv') and any(k in kw for k in ('alpha', 'value')) and \
+             any(v[0] != 'c' for k,v in ekw if k in ('alpha', 'value')):
+            e = f"{cref(_with_scale(func, b, inplace))}({', '.join(a + [f'{k}={v}' for k,v in kw.items()])})"
+        else: e = f"{cref(func)}({', '.join(a + [f'{k}={v}' for k,v in kw.items()])})"
+        nm = f"t{i}"
+        code[nm],deps[nm],kind[nm] = e,used,okind; order.append(nm); name[oid] = nm
+    n_e = len(st_out)
+    st_in = [f"n{i}" for i in in_ids[2:2+n_e]]
+    st_new = [name[i] for i in st_out]
+    finals_s = [name[i] for i in finals_s]
+    # pass 2 reads p and g as they were, the new state, and every per-tensor value; it recomputes the rest
+    bound2 = {'n0', 'n1'} | set(st_new) | {n for n,k in kind.items() if k != 'E'}
+    need2,todo = [],[n for n in (name[0], name[1]) if n not in ('n0', 'n1')]
+    if not todo: return None
+    seen = set()
+    while todo:
+        n = todo.pop()
+        if n in seen or n in bound2: continue
+        if n in st_in or n not in code: return None   # an old state value, overwritten by pass 1
+        seen.add(n); todo += deps[n]
+    svals = sorted({d for n in seen for d in deps[n] if kind[d] != 'E' and d in code}, key=order.index)
+    # worth it only where the reductions read the state: otherwise one kernel reads it once anyway
+    closure,todo = set(),list(svals)
+    while todo:
+        x = todo.pop()
+        if x in closure: continue
+        closure.add(x); todo += deps.get(x, [])
+    if not closure & set(st_in): return None
+    # pass 1 computes the new state and those per-tensor values
+    need1,todo = set(),[n for n,o in zip(st_new, st_in) if n != o] + list(finals_s) + svals
+    while todo:
+        n = todo.pop()
+        if n in need1 or n not in code: continue
+        need1.add(n); todo += deps[n]
+    l1 = [f"    {', '.join(f'n{i}' for i in in_ids)}{',' if len(in_ids)==1 else ''} = ins", "    nseg = seglen.shape[0]",
+          "    mask = torch.arange(BLOCK, device=seg.device)[None, :] < valid[:, None]"]
+    last = '0'
+    for n in order:
+        if n not in need1: continue
+        if n in pre: l1.append(f"    {pre[n]}"); last = f"({pre[n].split(' ')[0]} != {pre[n].split(' ')[0]})[:, None]"
+        l1.append(f"    {n} = {code[n]}")
+    # the new state is stored per (block, BLOCK) and made to depend on a block sum (padding gets 0, or 1 after a nan),
+    # so the compiler runs the stores in the reductions' block loop, on data still in cache: pass 1 reads memory once
+    l1 += [f"    ins[{2+j}].copy_(torch.where(mask, {n}, {last}))" for j,(n,o) in enumerate(zip(st_new, st_in)) if n != o]
+    l1 += [f"    return [{', '.join(list(finals_s) + svals)}]"]
+    l2 = [f"    n0, n1 = ins[0], ins[1]"] + [f"    {n} = ins[{2+j}]" for j,n in enumerate(st_new)]
+    l2 += [f"    {n} = ins[{2+n_e+j}]" for j,n in enumerate(f"n{i}" for i in in_ids[2+n_e:])]
+    l2 += [f"    {', '.join(svals)}{',' if len(svals)==1 else ''} = svals"] if svals else []
+    l2 += [f"    {n} = {code[n]}" for n in order if n in seen]
+    l2 += [f"    ins[{j}].copy_({n})" for j,n in enumerate((name[0], name[1])) if n != f"n{j}"]
+    src = ("def pass1(ins, scal, seg, valid, seglen, blens):\n" + "\n".join(l1) + "\n\n" +
+           "def pass2(ins, svals, scal, seg):\n" + "\n".join(l2) + "\n")
+    exec(compile(src, f"<fastopt-fused-{abs(hash(src))}>", 'exec'), g)
+    return g['pass1'], g['pass2'], src
 
 # %% ../nbs/10_fused.ipynb #3563388d
 def _dense(t):
@@ -343,6 +448,8 @@ def _eager_params(opt, group, params):
 class FusedEngine:
     "Run the callback chain as one compiled elementwise pass over flat buffers of params, grads and state"
     name = 'fused'
+    recip = False  # one-kernel replays too: a division by a scalar becomes a multiplication by its reciprocal (no gain measured for Adam)
+    two_pass = True  # chains whose per-tensor reductions read the state: two passes (`build_passes`), not one replay
     def __init__(self):
         self.data = weakref.WeakKeyDictionary()
         self.compiled,self.sources = _compiled,_sources
@@ -444,12 +551,17 @@ class FusedEngine:
         in_kinds = ['E']*(2+len(b.ekeys)) + ['S']*(len(in_ids)-2-len(b.ekeys))
         has_seg = any(e[6] == 'S' for e in tr.tape) or len(in_ids) > 2+len(b.ekeys)
         key = (tuple((e[0], e[2], e[3], e[4], e[5], e[6]) for e in tr.tape), tuple(in_ids), tuple(in_kinds),
-               tuple(o for _,o in outs_e), tuple(o for _,o in outs_s), b.dtype, tuple(b.ekeys.items()), b.device.type)
+               tuple(o for _,o in outs_e), tuple(o for _,o in outs_s), b.dtype, tuple(b.ekeys.items()), b.device.type, self.two_pass, self.recip)
         fn = self.compiled.get(key)
         if fn is None:
             global compile_count
-            replay, src = build_replay(tr.tape, in_ids, in_kinds, [o for _,o in outs_e], [o for _,o in outs_s])
-            fn = torch.compile(replay, dynamic=True, fullgraph=True, options=_recompute if has_seg else None)
+            two = has_seg and self.two_pass and build_passes(tr.tape, in_ids, in_kinds, [res[k]._fo_id for k in b.ekeys], [o for _,o in outs_s], len(tr.scalars))
+            if two:  # two passes: the first writes the new state, the second reads it back to update the parameter
+                fn = (torch.compile(two[0], dynamic=True, fullgraph=True, options=_recompute),
+                      torch.compile(two[1], dynamic=True, fullgraph=True)); src = two[2]
+            else:
+                replay, src = build_replay(tr.tape, in_ids, in_kinds, [o for _,o in outs_e], [o for _,o in outs_s], len(tr.scalars) if self.recip else None)
+                fn = torch.compile(replay, dynamic=True, fullgraph=True, options=_recompute if has_seg else None)
             self.compiled[key],self.sources[key] = fn,src
             compile_count += 1
         sl = slice(lo, hi)
@@ -458,13 +570,19 @@ class FusedEngine:
         for k in b.skeys:
             if ins[k] in used: ins_t.append(torch.stack([opt.state[p][k] for p in params]))
         scal = torch.tensor(tr.scalars, dtype=torch.float64, device=b.device) if tr.scalars else torch.zeros(1, dtype=torch.float64, device=b.device)
-        if has_seg: seg,valid,seglen = self._segments(b, items)
+        if has_seg: seg,valid,seglen = self._segments(b, items)[:3]
         else: seg,valid,seglen = None, None, torch.empty(2, device=b.device)
         dests = [b.S[k][sl] for k,_ in outs_e]
         if has_seg:  # blocks of BLOCK elements, as views made here: a view of a mutated input inside the compiled function costs copies
             ins_t = [t.view(-1, BLOCK) if t.dim() == 1 else t for t in ins_t[:2+len(b.ekeys)]] + ins_t[2+len(b.ekeys):]
             dests = [d.view(-1, BLOCK) for d in dests]
-        try: outs = fn(ins_t, scal, seg, valid, seglen, dests)
+        if isinstance(fn, tuple) or self.recip:  # the reciprocals of the scalars after them
+            scal = torch.tensor(tr.scalars + [1/s if s else math.copysign(math.inf, s) for s in tr.scalars], dtype=torch.float64, device=b.device)
+        try:
+            if isinstance(fn, tuple):
+                outs = fn[0](ins_t, scal, seg, valid, seglen, self._segments(b, items)[3])
+                fn[1](ins_t, outs[len(outs_s):], scal, seg)
+            else: outs = fn(ins_t, scal, seg, valid, seglen, dests)
         except Exception as e:
             if isinstance(e, Untraceable): raise
             self._fail(f"torch.compile failed on the chain: {type(e).__name__}: {str(e)[:300]}")
@@ -481,15 +599,15 @@ class FusedEngine:
         c = getattr(b, '_segcache', None)
         if c is None: c = b._segcache = {}
         if key not in c:
-            seg,valid,lens = [],[],[]
+            seg,valid,lens,blens = [],[],[],[]
             for j,(_,p) in enumerate(items):
                 n = p.numel(); nb = _slot_size(n) // BLOCK
                 seg += [j]*nb
                 valid += [min(BLOCK, max(0, n - k*BLOCK)) for k in range(nb)]
-                lens.append(max(n, 1))
-            lens += [1]*max(0, 2-len(lens))
+                lens.append(max(n, 1)); blens.append(nb)
+            blens += [0]*max(0, 2-len(lens)); lens += [1]*max(0, 2-len(lens))
             c[key] = (torch.tensor(seg, device=b.device), torch.tensor(valid, dtype=torch.int32, device=b.device),
-                      torch.tensor(lens, dtype=torch.float32, device=b.device))
+                      torch.tensor(lens, dtype=torch.float32, device=b.device), torch.tensor(blens, device=b.device))
         return c[key]
 
 # With a reduction, inductor would store the values reduced and read them again in the second pass (a temporary as large
