@@ -43,6 +43,11 @@ def _real_in(lo=None, hi=None, lo_open=False, hi_open=False):
     _check.desc = desc
     return _check
 
+def _is_bool(name, v):
+    "A check that a hyper is a bool"
+    if not isinstance(v, bool): raise TypeError(f"Hyper-parameter `{name}` must be a bool, got {v!r} of type {type(v).__name__}")
+
+
 # %% ../nbs/00_optimizer.ipynb #ff69dc22
 hyper_checks = {
     'lr':          _real_in(0),

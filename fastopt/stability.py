@@ -17,7 +17,7 @@ try: from fastai.callback.core import Callback, CancelFitException
 except ImportError:  # fastai is optional: the step callbacks work without it, `BlowupGuard` needs it
     class Callback: pass
     class CancelFitException(Exception): pass
-from .optimizer import Optimizer, hyper_checks, _real_in
+from .optimizer import Optimizer, hyper_checks, _real_in, _is_bool
 from .sgd import weight_decay, l2_reg, average_grad
 from .adaptive import average_sqr_grad, step_stat, debias
 from .smooth import SmoothLoss
@@ -27,10 +27,7 @@ __all__ = ['adam_eps_step', 'amsgrad_sqr_avg', 'adam_atan2_step', 'stable_adam_s
            'BlowupGuard']
 
 # %% ../nbs/34_epsilon.ipynb #c88d4689
-def _bool_check(name, v):
-    if not isinstance(v, bool): raise TypeError(f"Hyper-parameter `{name}` must be a bool, got {v!r} of type {type(v).__name__}")
-
-hyper_checks.update(eps_inside=_bool_check, atan2_a=_real_in(0, lo_open=True), atan2_b=_real_in(0, lo_open=True))
+hyper_checks.update(eps_inside=_is_bool, atan2_a=_real_in(0, lo_open=True), atan2_b=_real_in(0, lo_open=True))
 
 def _sqr_avg_hat(sqr_avg, max_sqr_avg, sqr_mom, step):
     "Debiased second moment: of AMSGrad's running max when the chain keeps one"

@@ -12,7 +12,7 @@ from numbers import Real
 import math
 import torch
 from torch import Tensor
-from .optimizer import Optimizer, hyper_checks, _real_in
+from .optimizer import Optimizer, hyper_checks, _real_in, _is_bool
 from .sgd import weight_decay, l2_reg, average_grad
 from .adaptive import average_sqr_grad, step_stat
 from .layerwise import lamb_step, Lamb
@@ -64,9 +64,6 @@ def lamb_timm_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, wd, trust_
     p.data.sub_(r, alpha=lr)
 
 lamb_timm_step.defaults = dict(eps=1e-6, wd=0.01, trust_clip=False, always_adapt=False, bias_correction=True)
-
-def _is_bool(name, v):
-    if not isinstance(v, bool): raise TypeError(f"Hyper-parameter `{name}` must be a bool, got {v!r} of type {type(v).__name__}")
 
 hyper_checks.update(trust_clip=_is_bool, always_adapt=_is_bool, bias_correction=_is_bool)
 

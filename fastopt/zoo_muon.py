@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 from fastcore.foundation import L
-from .optimizer import Optimizer, hyper_checks, _real_in, _is_real, _as_groups, _cb_defaults
+from .optimizer import Optimizer, hyper_checks, _real_in, _is_real, _as_groups, _cb_defaults, _is_bool
 from .sgd import weight_decay, average_grad
 from .adaptive import average_sqr_grad, step_stat, adam_step
 
@@ -80,9 +80,6 @@ def branch(
     return _branch
 
 # %% ../nbs/43_muon.ipynb #33ea0b21
-def _is_bool(name, v):
-    if not isinstance(v, bool): raise TypeError(f"Hyper-parameter `{name}` must be a bool, got {v!r} of type {type(v).__name__}")
-
 def _check_ns_steps(name, v):
     if isinstance(v, bool) or not isinstance(v, int): raise TypeError(f"Hyper-parameter `{name}` must be an int in [1, 100), got {v!r} of type {type(v).__name__}")
     if not 1 <= v < 100: raise ValueError(f"Hyper-parameter `{name}` must be an int in [1, 100), got {v!r}")

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from numbers import Real
 import torch
 from torch import Tensor
-from .optimizer import Optimizer, hyper_checks, _real_in
+from .optimizer import Optimizer, hyper_checks, _real_in, _is_bool
 from .adaptive import average_sqr_grad, step_stat
 
 try: from fastai.callback.core import Callback as _FastaiCallback
@@ -41,9 +41,6 @@ def schedule_free_adam_step(p, sched_lr, ckp1, mom, sqr_mom, step, sqr_avg, eps,
     return {'z': z}
 
 schedule_free_adam_step.defaults = dict(mom=0.9, eps=1e-8, wd=0.)
-
-def _is_bool(name, v):
-    if not isinstance(v, bool): raise TypeError(f"Hyper-parameter `{name}` must be a bool, got {v!r} of type {type(v).__name__}")
 
 def _nonneg_int(name, v):
     if isinstance(v, bool) or not isinstance(v, int): raise TypeError(f"Hyper-parameter `{name}` must be an int >= 0, got {v!r} of type {type(v).__name__}")
