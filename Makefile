@@ -64,7 +64,7 @@ export: $(STAMP)
 
 # Step time of fastopt's optimizers vs torch's AdamW (fused/foreach/for-loop) and fastai's Adam; writes the docs' table and plot.
 bench: $(STAMP)
-	OMP_NUM_THREADS=2 $(PY) -m fastopt.bench --shapes resnet50 --warm-cache --memory --learner --md nbs/images/bench_resnet50.md --png nbs/images/bench_resnet50.png
+	OMP_NUM_THREADS=2 $(PY) -m fastopt.bench --shapes resnet50 --compile-times --memory --learner --md nbs/images/bench_resnet50.md --png nbs/images/bench_resnet50.png
 	OMP_NUM_THREADS=2 $(PY) -m fastopt.bench --shapes many-small --opts adam,sgd,lamb --md nbs/images/bench_many_small.md --png nbs/images/bench_many_small.png
 
 soak: $(STAMP)

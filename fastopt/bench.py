@@ -6,7 +6,7 @@ Docs: https://fastopt.github.io/fastopt/bench.html.md"""
 
 # %% ../nbs/11_bench.ipynb #f250b835
 from __future__ import annotations
-import argparse, gc, os, statistics, subprocess, sys, time
+import argparse, gc, os, statistics, subprocess, sys, tempfile, time
 from functools import partial
 import torch
 from fastcore.script import call_parse
@@ -15,7 +15,7 @@ from . import fused as _fused
 
 # %% auto #0
 __all__ = ['resnet50_shapes', 'shape_sets', 'fastopt_opts', 'references', 'fastai_adam', 'make_params', 'time_steps',
-           'step_peak_memory', 'warm_cache_time', 'learner_epoch', 'bench_table', 'to_markdown', 'plot', 'main']
+           'step_peak_memory', 'time_compiles', 'learner_epoch', 'bench_table', 'to_markdown', 'plot', 'main']
 
 # %% ../nbs/11_bench.ipynb #8fbc6a5f
 resnet50_shapes = [  # (out, in, kh, kw) conv weights, (c,) batch-norm weights and biases, then the fc layer
@@ -119,13 +119,17 @@ def step_peak_memory(opt):
     return peak
 
 # %% ../nbs/11_bench.ipynb #6332a942
-def warm_cache_time(opt_name='adam', shapes='resnet50'):
-    "Seconds of the first two steps (state creation, then compile or cache load) in a fresh process"
-    code = (f"import time,torch; torch.set_num_threads(2); import fastopt; from fastopt.bench import *; "
-            f"ps = make_params(shape_sets[{shapes!r}]); o = fastopt_opts[{opt_name!r}](ps, 1e-3); o.engine='fused'; "
-            f"o.step(); t=time.perf_counter(); o.step(); print(time.perf_counter()-t)")
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '2'})
-    return float(out.stdout.strip().splitlines()[-1])
+def time_compiles(opt_name='adam', shapes='resnet50', device='cpu'):
+    """Seconds of the compiling step (the second: the first creates the state) of `opt_name` in a fresh process with an
+    empty compile cache, then in a second fresh process with the cache the first one left"""
+    code = (f"import time,torch; torch.set_num_threads(2); import fastopt; from fastopt.bench import *; from fastopt.bench import _sync; "
+            f"ps = make_params(shape_sets[{shapes!r}], {device!r}); o = fastopt_opts[{opt_name!r}](ps, 1e-3); o.engine='fused'; "
+            f"o.step(); _sync({device!r}); t=time.perf_counter(); o.step(); _sync({device!r}); print(time.perf_counter()-t)")
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, 'OMP_NUM_THREADS': '2', 'TORCHINDUCTOR_CACHE_DIR': cache}
+        run = lambda: float(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
+                                           check=True).stdout.strip().splitlines()[-1])
+        return run(), run()
 
 # %% ../nbs/11_bench.ipynb #e5279c49
 def learner_epoch(opt_func, epochs=1, seed=0):
@@ -195,7 +199,7 @@ def main(
     threads:int=2, # torch threads on CPU
     md:str=None, # write the table (markdown) here
     png:str=None, # write a bar chart here
-    warm_cache:bool=False, # also time the first steps in a fresh process, cache warm
+    compile_times:bool=False, # also time the compiling step in fresh processes: compile cache empty, then warm
     memory:bool=False, # also measure the peak extra memory of a fused step
     learner:bool=False, # also time a fastai Learner epoch on digits, fastai Adam vs fastopt Adam
 ):
@@ -212,7 +216,9 @@ def main(
     text = to_markdown(rows, title)
     print(text, flush=True)
     extra = []
-    if warm_cache: extra.append(f"- first fused step (compile) in a fresh process, cache warm: {warm_cache_time(names[0], shapes):.2f} s")
+    if compile_times:
+        cold,warm = time_compiles(names[0], shapes, device)
+        extra.append(f"- compiling step of `{names[0]}` in a fresh process: {cold:.2f} s with an empty compile cache, {warm:.2f} s with it warm")
     if memory:
         ps = make_params(shape_sets[shapes], device); o = fastopt_opts[names[0]](ps, 1e-3); o.engine = 'fused'; o.step(); o.step()
         pb = sum(p.numel()*p.element_size() for p in ps)

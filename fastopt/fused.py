@@ -6,7 +6,7 @@ Docs: https://fastopt.github.io/fastopt/fused.html.md"""
 
 # %% ../nbs/10_fused.ipynb #92cd7bb0
 from __future__ import annotations
-import math, os, warnings, weakref
+import math, os, platform, warnings, weakref
 from collections import defaultdict
 import torch
 import torch._prims_common
@@ -48,7 +48,7 @@ class _Restructure(Exception):
     "The state of a run changed structure since the buffers were laid out: step it eagerly and lay out again"
 
 class _Node(Tensor):
-    "A meta tensor standing in for a flat buffer (kind 'E'), a per-tensor value ('S') or a scalar ('C') while tracing"
+    "A tiny tensor standing in for a flat buffer (kind 'E'), a per-tensor value ('S') or a scalar ('C') while tracing"
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -135,7 +135,7 @@ def trace_chain(cbs, p_dtype, g_dtype, state, hyper, ekeys=None):
     """Run `cbs` on stand-ins: returns (tracer, input ids, result state); tensor state in `ekeys` (default: with
     dims) becomes a flat 'E' node, other 0-d tensor state an 'S' node"""
     tr = _Tracer()
-    mk = lambda dt, shape=(2,): torch.empty(shape, dtype=dt, device='meta')
+    mk = lambda dt, shape=(2,): torch.ones(shape, dtype=dt)  # ones: no division by zero in integer state
     p = tr.input(mk(p_dtype), 'E'); g = tr.input(mk(g_dtype), 'E')
     tr.grads[p._fo_id] = g
     ins,st = {},{}
@@ -429,6 +429,30 @@ def _sig(st):
     try: return tuple(sorted((k,v) for k,v in st.items() if not isinstance(v, Tensor)))
     except TypeError: return None
 
+# %% ../nbs/10_fused.ipynb #58ddeec8
+_isa_forced = None  # None: not decided yet; True: the engine set `vec_isa_ok`; False or 'undone': inductor checks
+
+def _before_cpu_compile():
+    "Skip inductor's per-process check of the base vector instruction set where torch's own kernels run it here"
+    global _isa_forced
+    if _isa_forced is not None: return
+    _isa_forced = False
+    from torch._inductor import config, cpu_vec_isa
+    if platform.machine() not in ('x86_64', 'AMD64') or config.cpp.vec_isa_ok is not None: return
+    flags = cpu_vec_isa.x86_isa_checker()
+    best = 'avx512' if 'avx512' in flags else 'avx2' if 'avx2' in flags else None
+    if best is None or torch.backends.cpu.get_cpu_capability().lower() != best: return
+    config.cpp.vec_isa_ok = _isa_forced = True
+
+def _undo_isa():
+    "Give the choice of instruction set back to inductor's checks after a failed compile; False if it was not the engine's"
+    global _isa_forced
+    if _isa_forced is not True: return False
+    from torch._inductor import config, cpu_vec_isa
+    config.cpp.vec_isa_ok,_isa_forced = None,'undone'
+    cpu_vec_isa.valid_vec_isa_list.cache_clear()
+    return True
+
 # %% ../nbs/10_fused.ipynb #7cbc71f9
 compile_count = 0  # number of chains compiled in this process (tests assert it does not grow with changing hypers)
 _compiled,_sources = {},{}  # structure -> compiled replay, shared by every optimizer in the process
@@ -578,6 +602,7 @@ class FusedEngine:
             dests = [d.view(-1, BLOCK) for d in dests]
         if isinstance(fn, tuple) or self.recip:  # the reciprocals of the scalars after them
             scal = torch.tensor(tr.scalars + [1/s if s else math.copysign(math.inf, s) for s in tr.scalars], dtype=torch.float64, device=b.device)
+        if b.device.type == 'cpu': _before_cpu_compile()
         try:
             if isinstance(fn, tuple):
                 outs = fn[0](ins_t, scal, seg, valid, seglen, self._segments(b, items)[3])
@@ -585,6 +610,9 @@ class FusedEngine:
             else: outs = fn(ins_t, scal, seg, valid, seglen, dests)
         except Exception as e:
             if isinstance(e, Untraceable): raise
+            if b.device.type == 'cpu' and _undo_isa():  # the compiler may not emit what the CPU runs: let inductor check
+                del self.compiled[key]; self.sources.pop(key, None)
+                return self._run(opt, b, st0, hyper, items, lo, hi)
             self._fail(f"torch.compile failed on the chain: {type(e).__name__}: {str(e)[:300]}")
             return False
         for j,(k,_) in enumerate(outs_s):

@@ -224,3 +224,41 @@ def test_deepcopy():
     for mm,oo in ((m, opt), (m2, opt2)):
         torch.manual_seed(5); mm(torch.randn(16, 6)).pow(2).mean().backward(); oo.step()
     for a,b in zip(m.parameters(), m2.parameters()): torch.testing.assert_close(a, b)
+
+@pytest.fixture
+def isa_fresh(monkeypatch):
+    "The engine's instruction-set decision not yet taken, inductor's setting restored afterwards"
+    from torch._inductor import config
+    monkeypatch.setattr(fused, '_isa_forced', None)
+    old = config.cpp.vec_isa_ok
+    yield config
+    config.cpp.vec_isa_ok = old
+
+def test_isa_user_setting_kept(isa_fresh):
+    "A `vec_isa_ok` the user set (TORCHINDUCTOR_VEC_ISA_OK) is left alone"
+    isa_fresh.cpp.vec_isa_ok = False
+    fused._before_cpu_compile()
+    assert isa_fresh.cpp.vec_isa_ok is False and fused._isa_forced is False
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ('AVX2', 'AVX512'), reason="x86 with AVX2 or AVX-512")
+def test_isa_compile_failure_retries(isa_fresh, monkeypatch):
+    "A compile that fails with the checks skipped is retried with inductor's checks: same result, no fallback, no warning"
+    isa_fresh.cpp.vec_isa_ok = None
+    monkeypatch.setattr(fused, '_compiled', {}); monkeypatch.setattr(fused, '_sources', {})
+    real, seen = torch.compile, []
+    def compile_(fn, **kw):
+        c = real(fn, **kw)
+        def f(*a):
+            seen.append(isa_fresh.cpp.vec_isa_ok)
+            if isa_fresh.cpp.vec_isa_ok: raise RuntimeError("compiler: unknown option -mavx512f")
+            return c(*a)
+        return f
+    monkeypatch.setattr(torch, 'compile', compile_)
+    me,oe = train('eager')
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        mf,of = train('fused')
+    assert not [x for x in w if 'fused engine' in str(x.message)]
+    assert seen[0] is True and None in seen and fused._isa_forced == 'undone' and isa_fresh.cpp.vec_isa_ok is None
+    assert of.engine.failed is None
+    for a,b in zip(me.parameters(), mf.parameters()): torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
