@@ -6,7 +6,7 @@ Docs: https://fastopt.github.io/fastopt/fused.html.md"""
 
 # %% ../nbs/10_fused.ipynb #92cd7bb0
 from __future__ import annotations
-import math, os, platform, warnings, weakref
+import functools, math, operator, os, platform, types, warnings, weakref
 from collections import defaultdict
 import torch
 import torch._prims_common
@@ -15,8 +15,8 @@ from . import optimizer as _optimizer
 from .optimizer import engines, EagerEngine, Hypers, _update
 
 # %% auto #0
-__all__ = ['BLOCK', 'compile_count', 'Untraceable', 'trace_chain', 'make_source', 'build_replay', 'build_passes', 'FusedEngine',
-           'AutoEngine']
+__all__ = ['BLOCK', 'compile_count', 'Untraceable', 'trace_chain', 'trace_cached', 'make_source', 'build_replay', 'build_passes',
+           'FusedEngine', 'AutoEngine']
 
 # %% ../nbs/10_fused.ipynb #31f6c418
 class Untraceable(Exception):
@@ -62,6 +62,7 @@ class _Tracer:
     current = None
     def __init__(self):
         self.tape,self.scalars,self.kinds,self.nodes,self.grads = [],[],[],[],{}
+        self.slots,self.cacheable = [],True  # per scalar: the `_ScalarProgram` reference it is computed by
     def new(self, meta, kind):
         t = meta.as_subclass(_Node)
         t._fo_id,t._fo_tr = len(self.kinds),self
@@ -78,13 +79,19 @@ class _Tracer:
             if not self.mine(a): raise Untraceable("a tensor made outside the traced chain")
             kinds.append(self.kind(a))
             return ('n', a._fo_id)
+        if isinstance(a, _Sym):
+            if type(a.v) is float:
+                self.scalars.append(a.v); self.slots.append(a.ref); return ('s', len(self.scalars)-1)
+            a.prog.guards.append((a.ref, 'eq', a.v))  # ints and bools are constants of the tape, as below
+            return self.enc(a.v, kinds)
         if isinstance(a, Tensor):
             if a.numel() != 1 or a.device.type == 'meta': raise Untraceable(f"a tensor of shape {tuple(a.shape)} made outside the chain")
-            self.scalars.append(float(a)); return ('s', len(self.scalars)-1)
+            self.cacheable = False  # its value may change from step to step without the chain's inputs changing
+            self.scalars.append(float(a)); self.slots.append(('k', float(a))); return ('s', len(self.scalars)-1)
         if isinstance(a, bool) or a is None or isinstance(a, (str, torch.dtype, torch.device, torch.memory_format)): return ('c', a)
         if isinstance(a, int): return ('c', a)
         if isinstance(a, float):
-            self.scalars.append(a); return ('s', len(self.scalars)-1)
+            self.scalars.append(a); self.slots.append(('k', a)); return ('s', len(self.scalars)-1)
         if isinstance(a, (list, tuple)):
             return ('l', tuple(self.enc(o, kinds) for o in a))
         raise Untraceable(f"an argument of type {type(a).__name__}")
@@ -108,7 +115,7 @@ class _Tracer:
         eargs = tuple(self.enc(a, kinds) for a in args)
         ekw = tuple(sorted((k, self.enc(v, kinds)) for k,v in kwargs.items()))
         if 'out' in kwargs: raise Untraceable(f"`{n}(out=...)`")
-        with torch._C.DisableTorchFunctionSubclass(): out = func(*args, **kwargs)
+        with torch._C.DisableTorchFunctionSubclass(): out = func(*_values(args), **_values(kwargs))
         if not isinstance(out, Tensor): raise Untraceable(f"`{n}` returning {type(out).__name__}")
         if b in _REDUCE:
             if kinds != ['E'] or len(args) != 1 or any(k not in ('dtype',) for k in kwargs) and not (b == 'norm' and set(kwargs) <= {'p'} and kwargs.get('p', 2) in (2, 2., 'fro')):
@@ -153,6 +160,166 @@ def trace_chain(cbs, p_dtype, g_dtype, state, hyper, ekeys=None):
     except Exception as e: raise Untraceable(f"{type(e).__name__}: {e}") from e
     finally: _Tracer.current = None
     return tr, ins, st
+
+# %% ../nbs/10_fused.ipynb #86993a14
+class _ScalarProgram:
+    "The python arithmetic a traced chain does on its numeric inputs, to redo without tracing; `guards`: branches taken"
+    def __init__(self): self.ops,self.guards,self.n = [],[],0
+    def input(self, v):
+        self.n += 1
+        return _Sym(v, ('x', self.n-1), self)
+    def apply(self, f, args):
+        v = f(*(a.v if isinstance(a, _Sym) else a for a in args))
+        self.ops.append((f, tuple(a.ref if isinstance(a, _Sym) else ('k', a) for a in args)))
+        return _Sym(v, ('o', len(self.ops)-1), self)
+    def run(self, xs):
+        "A function giving the value of a reference for the inputs `xs`, or None if a guard fails"
+        o = []
+        val = lambda r: xs[r[1]] if r[0] == 'x' else o[r[1]] if r[0] == 'o' else r[1]
+        try:
+            for f,refs in self.ops: o.append(f(*map(val, refs)))
+        except Exception: return None  # a branch guarded this op (a division by zero, say)
+        for r,kind,want in self.guards:
+            v = val(r)
+            if (bool(v) != want) if kind == 'bool' else (type(v) is not type(want) or v != want): return None
+        return val
+
+class _Sym:
+    "A python number a traced callback computes with: its value `v`, and `ref`, where `prog` computes it"
+    __slots__ = ('v', 'ref', 'prog')
+    def __init__(self, v, ref, prog): self.v,self.ref,self.prog = v,ref,prog
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        "Torch only takes a python number, or an object with this method, where an op wants a number: record the op"
+        if _Tracer.current is None: return func(*_values(args), **_values(kwargs or {}))
+        return _Tracer.current.record(func, args, kwargs or {})
+    def _op(self, f, *args):
+        if not all(isinstance(a, (_Sym, int, float)) for a in args): return NotImplemented
+        return self.prog.apply(f, args)
+    def _exact(self, conv):
+        "A python value computed from this number: only valid while it stays equal"
+        self.prog.guards.append((self.ref, 'eq', self.v))
+        return conv(self.v)
+    def __bool__(self):
+        b = bool(self.v)
+        self.prog.guards.append((self.ref, 'bool', b))
+        return b
+    def __float__(self): return self._exact(float)
+    def __int__(self): return self._exact(int)
+    def __index__(self): return self._exact(operator.index)
+    def __hash__(self): return self._exact(hash)
+    def __repr__(self): return self._exact(repr)
+    def __format__(self, spec): return self._exact(lambda v: format(v, spec))
+    def __round__(self, n=None): return self._exact(lambda v: round(v, n))
+    def __trunc__(self): return self._exact(math.trunc)
+    def __floor__(self): return self._exact(math.floor)
+    def __ceil__(self): return self._exact(math.ceil)
+
+for _n in 'add sub mul truediv floordiv mod pow'.split():
+    _f = getattr(operator, _n)
+    setattr(_Sym, f'__{_n}__', lambda s, o, f=_f: s._op(f, s, o))
+    setattr(_Sym, f'__r{_n}__', lambda s, o, f=_f: s._op(f, o, s))
+for _n in 'lt le gt ge eq ne'.split(): setattr(_Sym, f'__{_n}__', lambda s, o, f=getattr(operator, _n): s._op(f, s, o))
+for _n in 'neg pos abs'.split(): setattr(_Sym, f'__{_n}__', lambda s, f=getattr(operator, _n): s._op(f, s))
+
+def _values(a):
+    "`a` with every `_Sym` replaced by its value (for the ops run on the stand-ins)"
+    if isinstance(a, _Sym): return a.v
+    if isinstance(a, (list, tuple)): return type(a)(_values(o) for o in a)
+    if isinstance(a, dict): return {k: _values(v) for k,v in a.items()}
+    return a
+
+# %% ../nbs/10_fused.ipynb #2dd1559c
+_traces = {}  # structure of a chain's inputs -> its cached traces (or None: trace every step); shared by every optimizer
+
+def _pure(cb):
+    "A callback whose result only depends on its arguments: fastopt's own (plain functions and partials of them)"
+    f = cb.func if isinstance(cb, functools.partial) else cb
+    if getattr(f, 'pure', False): return True
+    return isinstance(f, types.FunctionType) and f.__closure__ is None and (f.__module__ or '').startswith('fastopt.')
+
+def _is_num(v): return type(v) is float or type(v) is int
+
+def _structure(cbs, p_dtype, g_dtype, state, hyper, ekeys):
+    "What a cached trace must share with a step's inputs (everything but the numbers); None if not cacheable"
+    parts = [tuple(cbs), p_dtype, g_dtype]
+    for d in (state, hyper):
+        for k,v in d.items():
+            if isinstance(v, Tensor):
+                if v.dim() > 0 and ekeys is not None and k not in ekeys: return None
+                parts.append((k, v.dtype, v.dim() > 0 if ekeys is None else k in ekeys))
+            elif _is_num(v): parts.append((k, type(v)))
+            elif isinstance(v, tuple) and v and all(map(_is_num, v)): parts.append((k, tuple, tuple(map(type, v))))
+            else: parts.append((k, 'const', v))
+    try: hash(key := tuple(parts))
+    except TypeError: return None
+    return key
+
+def _numbers(state, hyper):
+    "The numbers of a step's inputs, in the order `_structure` sees them"
+    xs = []
+    for d in (state, hyper):
+        for v in d.values():
+            if _is_num(v): xs.append(v)
+            elif type(v) is tuple and v and all(map(_is_num, v)): xs += v
+    return xs
+
+def _symbolic(d, prog):
+    "`d` with its numbers (and tuples of numbers) replaced by inputs of `prog`"
+    sym = lambda v: prog.input(v) if _is_num(v) else tuple(map(prog.input, v)) if type(v) is tuple and v and all(map(_is_num, v)) else v
+    return {k: sym(v) for k,v in d.items()}
+
+class _CachedTrace:
+    "A chain traced with `_Sym` numbers: replays the trace for new numbers while the program's guards hold"
+    def __init__(self, cbs, p_dtype, g_dtype, state, hyper, ekeys):
+        self.prog = _ScalarProgram()
+        st,hy = _symbolic(state, self.prog), _symbolic(hyper, self.prog)
+        self.tr, self.ins, res = trace_chain(cbs, p_dtype, g_dtype, st, hy, ekeys)
+        if not self.tr.cacheable: raise Untraceable("a tensor value from outside the chain")
+        self.res = {}
+        for k,v in res.items():
+            if isinstance(v, _Sym): self.res[k] = ('ref', v.ref)
+            elif isinstance(v, (Tensor, bool, str, type(None))) or _is_num(v): self.res[k] = ('val', v)
+            else: raise Untraceable(f"state {k!r} of type {type(v).__name__}")
+
+    def matches(self, plain, xs):
+        "True if `plain`, a plain trace of the step with numbers `xs`, recorded the same ops, scalars and state"
+        tr, ins, res = plain
+        sig = lambda t: [(e[0], e[2], e[3], e[4], e[5], e[6]) for e in t.tape]
+        same = lambda a, b: a == b or a != a and b != b
+        if sig(tr) != sig(self.tr) or ins != self.ins or res.keys() != self.res.keys(): return False
+        if len(tr.scalars) != len(self.tr.scalars) or not all(map(same, tr.scalars, self.tr.scalars)): return False
+        for k,(kind,v) in self.res.items():
+            w = res[k]
+            if isinstance(v, Tensor) or isinstance(w, Tensor):
+                if not (isinstance(v, Tensor) and isinstance(w, Tensor) and getattr(v, '_fo_id', -1) == getattr(w, '_fo_id', -2)): return False
+            elif kind == 'ref': continue  # checked by value below
+            elif not (type(v) is type(w) and same(v, w)): return False
+        val = self.prog.run(xs)
+        return val is not None and all(type(val(r)) is type(res[k]) and same(val(r), res[k]) for k,(kind,r) in self.res.items() if kind == 'ref')
+
+    def replay(self, val):
+        "(tracer, input ids, result state) as `trace_chain` gives them, for the numbers `val` computes"
+        self.tr.scalars = [val(r) for r in self.tr.slots]
+        return self.tr, self.ins, {k: val(v) if kind == 'ref' else v for k,(kind,v) in self.res.items()}
+
+def trace_cached(cbs, p_dtype, g_dtype, state, hyper, ekeys=None):
+    "`trace_chain`, replayed from a cached trace where the callbacks are pure and the program's guards hold"
+    key = _structure(cbs, p_dtype, g_dtype, state, hyper, ekeys) if all(map(_pure, cbs)) else None
+    cached = _traces.get(key, []) if key is not None else None
+    if cached is None: return trace_chain(cbs, p_dtype, g_dtype, state, hyper, ekeys)
+    xs = _numbers(state, hyper)
+    for c in cached:
+        if (val := c.prog.run(xs)) is not None: return c.replay(val)
+    plain = trace_chain(cbs, p_dtype, g_dtype, state, hyper, ekeys)
+    if len(cached) >= 4: _traces[key] = None; return plain   # the guards keep failing: a value changing every step
+    try:
+        c = _CachedTrace(cbs, p_dtype, g_dtype, state, hyper, ekeys)
+        ok = c.matches(plain, xs)
+    except (Untraceable, _Restructure): ok = False
+    if ok: _traces[key] = cached + [c]
+    else: _traces[key] = None
+    return plain
 
 # %% ../nbs/10_fused.ipynb #54854c3e
 BLOCK = 512  # elements per block: each parameter's slot in the flat buffers is a whole number (>= 2) of blocks
@@ -395,7 +562,7 @@ class _Bucket:
         self.sdict,self.fits = [],[]
         for p,o in zip(params, self.offs):
             st = opt.state.get(p)
-            fits = bool(st) and self._structure(p, st) == (self.ekeys, self.skeys)
+            fits = st is not None and self._structure(p, st) == (self.ekeys, self.skeys)  # {}: a stateless chain (plain SGD)
             if fits:
                 for k in self.ekeys:
                     v = _slot(self.S[k], o, p); v.copy_(st[k]); st[k] = v
@@ -556,7 +723,7 @@ class FusedEngine:
         if eager: _eager_params(opt, group, eager)
 
     def _run(self, opt, b, st0, hyper, items, lo, hi):
-        tr, ins, res = trace_chain(opt.cbs, b.dtype, b.dtype, st0, hyper, set(b.ekeys))
+        tr, ins, res = trace_cached(opt.cbs, b.dtype, b.dtype, st0, hyper, set(b.ekeys))
         # what the chain returns: flat state written back, per-tensor values, python values
         outs_e,outs_s,py = [],[],{}
         for k,v in res.items():

@@ -202,10 +202,12 @@ def test_fallback_one_warning():
     assert of.engine.failed and 'item' in of.engine.failed
     for a,b in zip(me.parameters(), mf.parameters()): torch.testing.assert_close(a, b)
 
-def test_user_callback_compiles():
-    "A user-written fastai-style callback (seed 003's style) runs fused"
+def test_user_callback_compiles(monkeypatch):
+    "A user-written fastai-style callback (seed 003's style) runs fused, stateless chains included"
+    n = count_traces(monkeypatch)
     def sign_sgd(p, lr, **kwargs): p.data.add_(torch.sign(p.grad.data), alpha=-lr)
     mf,of = check(opt_f=lambda ps: Optimizer(ps, [weight_decay, sign_sgd], lr=1e-2, wd=0.01))
+    assert n[0] == 4   # 5 steps: the first creates the (empty) state eagerly, the others run fused
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize('opt_name', ['adam', 'lamb', 'larc', 'radam'])
@@ -262,3 +264,96 @@ def test_isa_compile_failure_retries(isa_fresh, monkeypatch):
     assert seen[0] is True and None in seen and fused._isa_forced == 'undone' and isa_fresh.cpp.vec_isa_ok is None
     assert of.engine.failed is None
     for a,b in zip(me.parameters(), mf.parameters()): torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+# the trace cache: built-in chains are traced once per structure, then replayed from their scalar program
+
+def count_traces(monkeypatch):
+    n = [0]
+    real = fused.trace_chain
+    def counted(*a, **k): n[0] += 1; return real(*a, **k)
+    monkeypatch.setattr(fused, 'trace_chain', counted)
+    monkeypatch.setattr(fused, '_traces', {})
+    return n
+
+def sched_train(engine, opt_f, steps=12, hook=None):
+    m = model(); opt = opt_f(m.parameters()); opt.engine = engine
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps)
+    torch.manual_seed(1)
+    for s in range(steps):
+        if hook: hook(s, opt)
+        m(torch.randn(16, 6)).pow(2).mean().backward()
+        opt.step(); sched.step(); opt.zero_grad()
+    return m, opt
+
+def assert_models_close(a, b):
+    "Close: a training run amplifies the last-bit differences of a fused kernel (FMAs) through the model"
+    for x,y in zip(a.parameters(), b.parameters()): torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-3)
+
+def uncached(monkeypatch, *args, **kw):
+    "The same run with every step traced"
+    with monkeypatch.context() as m:
+        m.setattr(fused, 'trace_cached', fused.trace_chain)
+        return sched_train('fused', *args, **kw)
+
+def assert_models_equal(a, b):
+    for x,y in zip(a.parameters(), b.parameters()): assert torch.equal(x, y)
+
+def test_trace_cache_hits(monkeypatch):
+    "Adam under OneCycleLR (lr and mom change every step): traced on one step only, then replayed, same as eager"
+    n = count_traces(monkeypatch)
+    opt_f = partial(Adam, lr=1e-2, wd=0.01)
+    me,_ = sched_train('eager', opt_f)
+    mf,of = sched_train('fused', opt_f)
+    assert n[0] == 2 and [len(v) for v in fused._traces.values()] == [1]   # one step traced twice: plain and symbolic
+    assert_models_close(me, mf); assert_models_equal(mf, uncached(monkeypatch, opt_f)[0])
+    assert of.engine.failed is None and of.state[next(mf.parameters())]['step'] == 12
+
+def test_trace_cache_branch_flips(monkeypatch):
+    "A hyper that changes a python branch (`wd` to 0 mid-training) gets a second cached trace; results stay eager's"
+    n = count_traces(monkeypatch)
+    def hook(s, opt):
+        if s == 6: opt.set_hyper('wd', 0.)
+    opt_f = partial(Adam, lr=1e-2, wd=0.1)
+    me,_ = sched_train('eager', opt_f, hook=hook)
+    mf,_ = sched_train('fused', opt_f, hook=hook)
+    assert n[0] == 4 and [len(v) for v in fused._traces.values()] == [2]
+    assert_models_close(me, mf); assert_models_equal(mf, uncached(monkeypatch, opt_f, hook=hook)[0])
+
+def test_trace_cache_gives_up(monkeypatch):
+    "RAdam turns a number that changes every step into a python float (`math.sqrt`): traced every step, as eager"
+    n = count_traces(monkeypatch)
+    opt_f = partial(RAdam, lr=1e-2, wd=0.01)
+    me,_ = sched_train('eager', opt_f, steps=14)
+    mf,_ = sched_train('fused', opt_f, steps=14)
+    assert_models_close(me, mf)
+    assert list(fused._traces.values()) == [None] and n[0] >= 14
+
+scale = [1.]
+def scaled_sgd(p, lr, **kwargs):
+    "A user callback reading a global: no program of its inputs can redo it"
+    p.data.add_(p.grad.data, alpha=-lr*scale[0])
+
+def test_trace_cache_user_callback(monkeypatch):
+    "A user's callback is traced every step (it may read globals), unless marked `pure`"
+    n = count_traces(monkeypatch)
+    def hook(s, opt): scale[0] = 1 + s
+    opt_f = lambda ps: Optimizer(ps, [weight_decay, scaled_sgd], lr=1e-3, wd=0.01, mom=0.9)
+    me,_ = sched_train('eager', opt_f, hook=hook)
+    mf,_ = sched_train('fused', opt_f, hook=hook)
+    assert_models_close(me, mf)
+    assert n[0] == 11 and not fused._traces   # the first step creates the (empty) state eagerly
+    monkeypatch.setattr(scaled_sgd, 'pure', True, raising=False)
+    n[0] = 0; sched_train('fused', opt_f, hook=hook)
+    assert n[0] == 2   # marked pure: cached (and now wrong for this callback, which is why it is opt-in)
+
+def test_scalar_program():
+    "The program redoes the arithmetic for new inputs and fails on a branch taken otherwise or an exact value changed"
+    prog = fused._ScalarProgram()
+    mom, step, wd = prog.input(0.9), prog.input(3), prog.input(0.1)
+    db = (1 - mom**step) / (1 - mom)
+    assert bool(wd != 0) and type(db) is fused._Sym
+    run = prog.run([0.8, 5, 0.2])
+    assert run(db.ref) == (1 - 0.8**5) / (1 - 0.8)
+    assert prog.run([0.8, 5, 0.]) is None          # `wd != 0` was true when traced
+    prog.guards.clear(); int(step)                  # a python int made from `step`: exact
+    assert prog.run([0.9, 3, 0.1]) is not None and prog.run([0.9, 4, 0.1]) is None
