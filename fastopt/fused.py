@@ -570,7 +570,8 @@ class _Bucket:
         self.keysets = [frozenset(st) if st is not None else None for st in self.sdict]
         self.nkeys = [len(st) if st is not None else -1 for st in self.sdict]
         # what a step checks per parameter, precomputed: the state's data pointers, and its python-valued keys
-        self.sptr = [[v.data_ptr() for v in _slots_of(self, k)] for k in self.ekeys]
+        ptrs = [[v.data_ptr() for v in _slots_of(self, k)] for k in self.ekeys]
+        self.sptrs = [list(t) for t in zip(*ptrs)] if ptrs else [[] for _ in params]  # per param, in `ekeys` order
         pk = [tuple(sorted(k for k,v in st.items() if not isinstance(v, Tensor))) for st,f in zip(self.sdict, self.fits) if f]
         self.pykeys = pk[0] if pk and all(k == pk[0] for k in pk) else None
 
@@ -664,7 +665,7 @@ class FusedEngine:
 
     def _sync(self, opt, d):
         "(Re)build the flat buffers when groups, params or the state object changed"
-        gsig = tuple(tuple(id(p) for p in g['params']) for g in opt.param_groups)
+        gsig = tuple(tuple(map(id, g['params'])) for g in opt.param_groups)
         if d.buckets is None or gsig != d.groups_sig or opt.state is not d.state_obj:
             self._layout(opt, d); d.groups_sig,d.state_obj = gsig,opt.state
             return
@@ -691,14 +692,15 @@ class FusedEngine:
         runs,eager,cur,cur_sig = [],[],[],None
         state = opt.state
         pview,gview,sdict,fits,nkeys,pykeys = b.pview,b.gview,b.sdict,b.fits,b.nkeys,b.pykeys
-        eks = list(zip(b.ekeys, b.sptr))
+        ek,sptrs = list(b.ekeys),b.sptrs
         for i,p in enumerate(b.params):
             g = p.grad
             if g is None: cur_sig = None; continue
             st = state.get(p)
             # the fast check: the parameter, its state dict and its state tensors are still the ones laid out
-            if p.data_ptr() != pview[i] or st is not sdict[i] or not fits[i] or len(st) != nkeys[i] or \
-               any(k not in st or not isinstance(st[k], Tensor) or st[k].data_ptr() != ptrs[i] for k,ptrs in eks):
+            try: ok = st is sdict[i] and fits[i] and p.data_ptr() == pview[i] and len(st) == nkeys[i] and [st[k].data_ptr() for k in ek] == sptrs[i]
+            except (KeyError, AttributeError, TypeError): ok = False   # a state key gone, or not a tensor any more
+            if not ok:
                 if not fits[i] and st is sdict[i] and st is not None and frozenset(st) == b.keysets[i] and p.data_ptr() == pview[i]:
                     eager.append(p); cur_sig = None; continue   # state of another structure: eager, no rebuild
                 b.dirty = True; eager.append(p); cur_sig = None; continue
@@ -782,10 +784,11 @@ class FusedEngine:
                 return self._run(opt, b, st0, hyper, items, lo, hi)
             self._fail(f"torch.compile failed on the chain: {type(e).__name__}: {str(e)[:300]}")
             return False
+        sts = [b.sdict[i] for i,_ in items]   # `opt.state[p]` for each (the step's fast check saw it is)
         for j,(k,_) in enumerate(outs_s):
-            for i,p in enumerate(params): opt.state[p][k] = outs[j][i]
+            for i,st in enumerate(sts): st[k] = outs[j][i]
         if py:
-            for p in params: opt.state[p].update(py)
+            for st in sts: st.update(py)
         return True
 
     def _segments(self, b, items):

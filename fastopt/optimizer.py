@@ -378,16 +378,22 @@ def all_finite(ts:Iterable[Tensor]) -> bool:
 
 def _grad_name(i, j, p): return f"parameter {j} of group {i} (shape {tuple(p.shape)}, {p.dtype})"
 
+def _sparse_grad_error(self):
+    "Raise the error for the first parameter with a sparse gradient"
+    i,j,p = next((i, j, p) for i,g in enumerate(self.param_groups) for j,p in enumerate(g['params'])
+                 if p.grad is not None and p.grad.layout != torch.strided)
+    raise TypeError(f"{_grad_name(i, j, p)} has a sparse gradient ({p.grad.layout}); fastopt optimizers need dense gradients: "
+                    "use `nn.Embedding(sparse=False)`, or `torch.optim.SparseAdam` through `OptimWrapper`")
+
 def _grads_ok(self):
     "Raise on sparse gradients; with `nonfinite` set, check all gradients at once: False when the step must be skipped"
-    grads = []
-    for i,g in enumerate(self.param_groups):
-        for j,p in enumerate(g['params']):
-            if p.grad is None: continue
-            if p.grad.layout != torch.strided: raise TypeError(f"{_grad_name(i, j, p)} has a sparse gradient ({p.grad.layout}); fastopt "
-                "optimizers need dense gradients: use `nn.Embedding(sparse=False)`, or `torch.optim.SparseAdam` through `OptimWrapper`")
-            grads.append(p.grad)
-    if self.nonfinite is None or all_finite(grads): return True
+    grads,strided = [],torch.strided
+    for g in self.param_groups:
+        for p in g['params']:
+            gr = p.grad
+            if gr is not None and gr.layout is not strided: self._sparse_grad_error()
+            grads.append(gr)
+    if self.nonfinite is None or all_finite(g for g in grads if g is not None): return True
     if self.nonfinite == 'raise':
         bad = next(_grad_name(i, j, p) for i,g in enumerate(self.param_groups) for j,p in enumerate(g['params'])
                    if p.grad is not None and not all_finite([p.grad]))
@@ -414,6 +420,7 @@ def _clear_state(self):
             self.state[p] = {k: st[k] for k in self._keep_on_clear if k in st}
 
 Optimizer.step,Optimizer.zero_grad,Optimizer.clear_state,Optimizer._grads_ok = _step,_zero_grad,_clear_state,_grads_ok
+Optimizer._sparse_grad_error = _sparse_grad_error
 
 # %% ../nbs/00_optimizer.ipynb #f69edad8
 def _to_torch_format(self, sd):
