@@ -572,6 +572,7 @@ class _Bucket:
         # what a step checks per parameter, precomputed: the state's data pointers, and its python-valued keys
         ptrs = [[v.data_ptr() for v in _slots_of(self, k)] for k in self.ekeys]
         self.sptrs = [list(t) for t in zip(*ptrs)] if ptrs else [[] for _ in params]  # per param, in `ekeys` order
+        self.sptr_flat,self.all_fit = [x for ps in self.sptrs for x in ps],all(self.fits)
         pk = [tuple(sorted(k for k,v in st.items() if not isinstance(v, Tensor))) for st,f in zip(self.sdict, self.fits) if f]
         self.pykeys = pk[0] if pk and all(k == pk[0] for k in pk) else None
 
@@ -585,6 +586,8 @@ class _Bucket:
             elif v.dim() == 0: s[k] = v.dtype
             else: return None
         return e,s
+
+_grad_of = operator.attrgetter('grad')
 
 def _slots_of(b, k):
     return [_slot(b.S[k], o, p) for p,o in zip(b.params, b.offs)]
@@ -686,13 +689,42 @@ class FusedEngine:
             d.buckets += [_Bucket(gi, ps, opt) for ps in by.values()]
             if loose: d.loose.append((gi, loose))
 
+    def _unchanged(self, opt, b):
+        "The common case, checked in bulk: every parameter has its gradient, it and its state are the ones laid out and were stepped alike"
+        ps,sd,is_ = b.params,b.sdict,operator.is_
+        if not b.all_fit or b.pykeys is None or not all(map(is_, map(_grad_of, ps), b.gview)) or \
+           not all(map(is_, map(opt.state.get, ps), sd)): return None
+        try:
+            if list(map(Tensor.data_ptr, ps)) != b.pview or list(map(len, sd)) != b.nkeys or \
+               [st[k].data_ptr() for st in sd for k in b.ekeys] != b.sptr_flat: return None
+        except (KeyError, AttributeError, TypeError): return None
+        sigs = [tuple([st[k] for k in b.pykeys]) for st in sd]
+        if sigs.count(sigs[0]) != len(sigs): return None
+        return [(sigs[0], sd[0], list(enumerate(ps)))]
+
     def _step_bucket(self, opt, d, b):
         group = opt.param_groups[b.gi]
         hyper = dict(Hypers(group))
-        runs,eager,cur,cur_sig = [],[],[],None
+        eager = []
+        runs = self._unchanged(opt, b)
+        if runs is None: runs = self._scan(opt, b, eager)
+        for sig,st0,items in runs:
+            ids = [i for i,_ in items]
+            lo,hi = b.offs[ids[0]], b.offs[ids[-1]] + _slot_size(b.params[ids[-1]].numel())
+            if self.failed is not None: eager += [p for _,p in items]; continue
+            try: ok = self._run(opt, b, st0, hyper, items, lo, hi)
+            except _Restructure: ok = False
+            except Untraceable as e:
+                self._fail(str(e)); ok = False
+            if not ok: eager += [p for _,p in items]; b.dirty = True
+        if eager: _eager_params(opt, group, eager)
+
+    def _scan(self, opt, b, eager):
+        "Check each parameter: the runs of alike ones to step fused; the others go to `eager` (the buffers are rebuilt where they changed)"
         state = opt.state
         pview,gview,sdict,fits,nkeys,pykeys = b.pview,b.gview,b.sdict,b.fits,b.nkeys,b.pykeys
         ek,sptrs = list(b.ekeys),b.sptrs
+        runs,cur_sig = [],None
         for i,p in enumerate(b.params):
             g = p.grad
             if g is None: cur_sig = None; continue
@@ -713,16 +745,7 @@ class FusedEngine:
             if cur_sig is not None and sig == cur_sig: runs[-1][2].append((i, p))
             else:
                 runs.append((sig, st, [(i, p)])); cur_sig = sig
-        for sig,st0,items in runs:
-            ids = [i for i,_ in items]
-            lo,hi = b.offs[ids[0]], b.offs[ids[-1]] + _slot_size(b.params[ids[-1]].numel())
-            if self.failed is not None: eager += [p for _,p in items]; continue
-            try: ok = self._run(opt, b, st0, hyper, items, lo, hi)
-            except _Restructure: ok = False
-            except Untraceable as e:
-                self._fail(str(e)); ok = False
-            if not ok: eager += [p for _,p in items]; b.dirty = True
-        if eager: _eager_params(opt, group, eager)
+        return runs
 
     def _run(self, opt, b, st0, hyper, items, lo, hi):
         tr, ins, res = trace_cached(opt.cbs, b.dtype, b.dtype, st0, hyper, set(b.ekeys))
