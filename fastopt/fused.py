@@ -502,11 +502,14 @@ def build_passes(tape, in_ids, in_kinds, st_out, finals_s, nscal=None):
     # the new state is stored per (block, BLOCK) and made to depend on a block sum (padding gets 0, or 1 after a nan),
     # so the compiler runs the stores in the reductions' block loop, on data still in cache: pass 1 reads memory once
     l1 += [f"    ins[{2+j}].copy_(torch.where(mask, {n}, {last}))" for j,(n,o) in enumerate(zip(st_new, st_in)) if n != o]
-    l1 += [f"    return [{', '.join(list(finals_s) + svals)}]"]
+    # where pass 2 only uses the per-tensor values on elements, pass 1 hands them over per block (no gather in pass 2's loop)
+    per_block = all(kind[n] == 'E' for n in seen)
+    l1 += [f"    return [{', '.join(list(finals_s) + [f'{s}[seg]' if per_block else s for s in svals])}]"]
     l2 = [f"    n0, n1 = ins[0], ins[1]"] + [f"    {n} = ins[{2+j}]" for j,n in enumerate(st_new)]
     l2 += [f"    {n} = ins[{2+n_e+j}]" for j,n in enumerate(f"n{i}" for i in in_ids[2+n_e:])]
     l2 += [f"    {', '.join(svals)}{',' if len(svals)==1 else ''} = svals"] if svals else []
-    l2 += [f"    {n} = {code[n]}" for n in order if n in seen]
+    expanded = lambda e: functools.reduce(lambda e, s: e.replace(f"{s}[seg][:, None]", f"{s}[:, None]"), svals, e) if per_block else e
+    l2 += [f"    {n} = {expanded(code[n])}" for n in order if n in seen]
     l2 += [f"    ins[{j}].copy_({n})" for j,n in enumerate((name[0], name[1])) if n != f"n{j}"]
     src = ("def pass1(ins, scal, seg, valid, seglen, blens):\n" + "\n".join(l1) + "\n\n" +
            "def pass2(ins, svals, scal, seg):\n" + "\n".join(l2) + "\n")
