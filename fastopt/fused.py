@@ -240,9 +240,14 @@ def _pure(cb):
 
 def _is_num(v): return type(v) is float or type(v) is int
 
+def _cb_key(cb):
+    "A callback as a cache key: equal for the `partial`s each optimizer makes of the same function and arguments"
+    if isinstance(cb, functools.partial): return (_cb_key(cb.func), cb.args, tuple(sorted(cb.keywords.items())))
+    return cb
+
 def _structure(cbs, p_dtype, g_dtype, state, hyper, ekeys):
     "What a cached trace must share with a step's inputs (everything but the numbers); None if not cacheable"
-    parts = [tuple(cbs), p_dtype, g_dtype]
+    parts = [tuple(map(_cb_key, cbs)), p_dtype, g_dtype]
     for d in (state, hyper):
         for k,v in d.items():
             if isinstance(v, Tensor):

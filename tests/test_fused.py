@@ -357,3 +357,9 @@ def test_scalar_program():
     assert prog.run([0.8, 5, 0.]) is None          # `wd != 0` was true when traced
     prog.guards.clear(); int(step)                  # a python int made from `step`: exact
     assert prog.run([0.9, 3, 0.1]) is not None and prog.run([0.9, 4, 0.1]) is None
+
+def test_trace_cache_shared(monkeypatch):
+    "Optimizers of the same chain share one cached trace (each makes its own `partial`s of the callbacks)"
+    n = count_traces(monkeypatch)
+    for _ in range(3): sched_train('fused', partial(Adam, lr=1e-2, wd=0.01), steps=4)
+    assert n[0] == 2 and [len(v) for v in fused._traces.values()] == [1]
