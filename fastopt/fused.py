@@ -305,8 +305,13 @@ class _CachedTrace:
 
     def replay(self, val):
         "(tracer, input ids, result state) as `trace_chain` gives them, for the numbers `val` computes"
-        self.tr.scalars = [val(r) for r in self.tr.slots]
-        return self.tr, self.ins, {k: val(v) if kind == 'ref' else v for k,(kind,v) in self.res.items()}
+        return _Replayed(self.tr, [val(r) for r in self.tr.slots]), self.ins, {k: val(v) if kind == 'ref' else v for k,(kind,v) in self.res.items()}
+
+class _Replayed:
+    "A cached trace with the scalars of one step: the tracer itself is shared by every optimizer, and stays untouched"
+    def __init__(self, tr, scalars): self.tr,self.scalars,self.tape,self.kinds = tr,scalars,tr.tape,tr.kinds
+    def mine(self, t): return self.tr.mine(t)
+    def kind(self, t): return self.tr.kind(t)
 
 def trace_cached(cbs, p_dtype, g_dtype, state, hyper, ekeys=None):
     "`trace_chain`, replayed from a cached trace where the callbacks are pure and the program's guards hold"
