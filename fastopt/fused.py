@@ -6,7 +6,7 @@ Docs: https://fastopt.github.io/fastopt/fused.html.md"""
 
 # %% ../nbs/10_fused.ipynb #92cd7bb0
 from __future__ import annotations
-import functools, math, operator, os, platform, types, warnings, weakref
+import functools, math, numbers, operator, os, platform, types, warnings, weakref
 from collections import defaultdict
 import torch
 import torch._prims_common
@@ -80,7 +80,7 @@ class _Tracer:
             kinds.append(self.kind(a))
             return ('n', a._fo_id)
         if isinstance(a, _Sym):
-            if type(a.v) is float:
+            if isinstance(a.v, float):
                 self.scalars.append(a.v); self.slots.append(a.ref); return ('s', len(self.scalars)-1)
             a.prog.guards.append((a.ref, 'eq', a.v))  # ints and bools are constants of the tape, as below
             return self.enc(a.v, kinds)
@@ -238,7 +238,9 @@ def _pure(cb):
     if getattr(f, 'pure', False): return True
     return isinstance(f, types.FunctionType) and f.__closure__ is None and (f.__module__ or '').startswith('fastopt.')
 
-def _is_num(v): return type(v) is float or type(v) is int
+def _is_num(v):
+    "A real number (numpy's too: fastai's discriminative lrs are `np.float64`), not a bool"
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, Tensor)) and type(v).__name__ != 'bool_'
 
 def _cb_key(cb):
     "A callback as a cache key: equal for the `partial`s each optimizer makes of the same function and arguments"
@@ -254,10 +256,11 @@ def _structure(cbs, p_dtype, g_dtype, state, hyper, ekeys):
                 if v.dim() > 0 and ekeys is not None and k not in ekeys: return None
                 parts.append((k, v.dtype, v.dim() > 0 if ekeys is None else k in ekeys))
             elif _is_num(v): parts.append((k, type(v)))
-            elif isinstance(v, tuple) and v and all(map(_is_num, v)): parts.append((k, tuple, tuple(map(type, v))))
+            elif type(v) is tuple and v and all(map(_is_num, v)): parts.append((k, tuple, tuple(map(type, v))))
             else: parts.append((k, 'const', v))
     try: hash(key := tuple(parts))
     except TypeError: return None
+    if len(_traces) > 1000: _traces.clear()  # structures that keep changing (a python constant that changes every step)
     return key
 
 def _numbers(state, hyper):

@@ -183,7 +183,8 @@ def _spread(k, v, n):
     if isinstance(v, slice):
         if v.start: v = even_mults(v.start, v.stop, n)
         else: v = [v.stop/10]*(n-1) + [v.stop]
-    v = list(L(v, use_list=None))
+    # a number, numpy's included, or a 0-d tensor is one value (fastai raises TypeError on `np.float64(0.1)`)
+    v = [v] if isinstance(v, numbers.Number) or getattr(v, 'ndim', None) == 0 else list(L(v, use_list=None))
     if len(v) == 1: v = v*n
     if len(v) != n: raise ValueError(f"Trying to set {len(v)} values for `{k}` but there are {n} parameter groups: {orig!r}")
     for x in v: check_hyper(k, x)

@@ -363,3 +363,14 @@ def test_trace_cache_shared(monkeypatch):
     n = count_traces(monkeypatch)
     for _ in range(3): sched_train('fused', partial(Adam, lr=1e-2, wd=0.01), steps=4)
     assert n[0] == 2 and [len(v) for v in fused._traces.values()] == [1]
+
+def test_trace_cache_numpy_hypers(monkeypatch):
+    "numpy numbers as hypers (fastai's discriminative lrs), changing every step: replayed, as the uncached engine"
+    import numpy as np
+    n = count_traces(monkeypatch)
+    def hook(s, opt): opt.set_hypers(lr=np.float64(1e-2*(1 + s/10)), mom=np.float64(0.9 - s/100))
+    mf,_ = sched_train('fused', partial(Adam, lr=1e-2, wd=0.01), hook=hook)
+    assert n[0] == 2 and [len(v) for v in fused._traces.values()] == [1]
+    assert_models_equal(mf, uncached(monkeypatch, partial(Adam, lr=1e-2, wd=0.01), hook=hook)[0])
+    me,_ = sched_train('eager', partial(Adam, lr=1e-2, wd=0.01), hook=hook)
+    assert_models_close(me, mf)
