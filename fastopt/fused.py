@@ -242,6 +242,10 @@ def _is_num(v):
     "A real number (numpy's too: fastai's discriminative lrs are `np.float64`), not a bool"
     return isinstance(v, numbers.Real) and not isinstance(v, (bool, Tensor)) and type(v).__name__ != 'bool_'
 
+def _is_nums(v):
+    "A plain (not named) non-empty tuple of numbers, such as torch's `betas`: each number is an input"
+    return type(v) is tuple and v and all(map(_is_num, v))
+
 def _cb_key(cb):
     "A callback as a cache key: equal for the `partial`s each optimizer makes of the same function and arguments"
     if isinstance(cb, functools.partial): return (_cb_key(cb.func), cb.args, tuple(sorted(cb.keywords.items())))
@@ -256,7 +260,7 @@ def _structure(cbs, p_dtype, g_dtype, state, hyper, ekeys):
                 if v.dim() > 0 and ekeys is not None and k not in ekeys: return None
                 parts.append((k, v.dtype, v.dim() > 0 if ekeys is None else k in ekeys))
             elif _is_num(v): parts.append((k, type(v)))
-            elif type(v) is tuple and v and all(map(_is_num, v)): parts.append((k, tuple, tuple(map(type, v))))
+            elif _is_nums(v): parts.append((k, tuple, tuple(map(type, v))))
             else: parts.append((k, 'const', v))
     try: hash(key := tuple(parts))
     except TypeError: return None
@@ -269,12 +273,12 @@ def _numbers(state, hyper):
     for d in (state, hyper):
         for v in d.values():
             if _is_num(v): xs.append(v)
-            elif type(v) is tuple and v and all(map(_is_num, v)): xs += v
+            elif _is_nums(v): xs += v
     return xs
 
 def _symbolic(d, prog):
     "`d` with its numbers (and tuples of numbers) replaced by inputs of `prog`"
-    sym = lambda v: prog.input(v) if _is_num(v) else tuple(map(prog.input, v)) if type(v) is tuple and v and all(map(_is_num, v)) else v
+    sym = lambda v: prog.input(v) if _is_num(v) else tuple(map(prog.input, v)) if _is_nums(v) else v
     return {k: sym(v) for k,v in d.items()}
 
 class _CachedTrace:

@@ -392,9 +392,10 @@ def _grads_ok(self):
     for g in self.param_groups:
         for p in g['params']:
             gr = p.grad
-            if gr is not None and gr.layout is not strided: self._sparse_grad_error()
+            if gr is None: continue
+            if gr.layout is not strided: self._sparse_grad_error()
             grads.append(gr)
-    if self.nonfinite is None or all_finite(g for g in grads if g is not None): return True
+    if self.nonfinite is None or all_finite(grads): return True
     if self.nonfinite == 'raise':
         bad = next(_grad_name(i, j, p) for i,g in enumerate(self.param_groups) for j,p in enumerate(g['params'])
                    if p.grad is not None and not all_finite([p.grad]))
