@@ -16,7 +16,7 @@ from .optimizer import engines, EagerEngine, Hypers, _update
 
 # %% auto #0
 __all__ = ['BLOCK', 'compile_count', 'Untraceable', 'trace_chain', 'trace_cached', 'make_source', 'build_replay', 'build_passes',
-           'FusedEngine', 'AutoEngine']
+           'native_pass1', 'FusedEngine', 'AutoEngine']
 
 # %% ../nbs/10_fused.ipynb #31f6c418
 class Untraceable(Exception):
@@ -438,17 +438,19 @@ def _segadd(bs, blens):
     "Block sums `bs` added up per segment of `blens` blocks (a library kernel: kept out of the loop over the blocks)"
     return torch.segment_reduce(bs, 'sum', lengths=blens)
 
-def build_passes(tape, in_ids, in_kinds, st_out, finals_s, nscal=None):
+def build_passes(tape, in_ids, in_kinds, st_out, finals_s, nscal=None, native=False):
     """For a tape with per-tensor reductions: `pass1(ins, scal, seg, valid, seglen)`, which writes the new state in place
     and returns the per-tensor values (`finals_s` first), and `pass2(ins, svals, scal, seg)`, which reads the parameter,
     the gradient, the *new* state and those values, and writes the parameter (and the gradient, if the chain changes it).
-    `ins` are `[p, g]`, then the flat state buffers (`st_out`: the node each one ends as), then per-tensor state. Returns (pass1, pass2, source), or None
-    where the parameter's update needs a state value that pass 1 overwrote. With `nscal`, `scal` also holds the
-    reciprocals of the `nscal` scalars after them, and a division by a scalar becomes a multiplication."""
+    `ins` are `[p, g]`, then the flat state buffers (`st_out`: the node each one ends as), then per-tensor state. Returns
+    (pass1, pass2, source, native pass1), or None where the parameter's update needs a state value that pass 1 overwrote.
+    With `nscal`, `scal` also holds the reciprocals of the `nscal` scalars after them, and a division by a scalar becomes a
+    multiplication. With `native` (fp32 on the CPU), the fourth is pass 1 as one C++ loop (`native_pass1`) where the
+    emitter knows every op, else None."""
     g, _, _, _, cref = make_source(tape, in_ids, None)
     name = {i: f"n{i}" for i in in_ids}            # node id -> name of its current version (in-place ops make new ones)
     kind = {f"n{i}": k for i,k in zip(in_ids, in_kinds)}
-    code,deps,order,pre = {},{},[],{}
+    code,deps,order,pre,tap,red = {},{},[],{},{},{}
     g['_blocksum'],g['_segadd'] = _blocksum,_segadd
     def ref(a, expand, used):
         t,v = a
@@ -459,8 +461,11 @@ def build_passes(tape, in_ids, in_kinds, st_out, finals_s, nscal=None):
         if t == 'l': return '(' + ', '.join(ref(o, expand, used) for o in v) + ',)'
         if isinstance(v, (torch.dtype, torch.device, torch.memory_format)): return cref(v)
         return repr(v)
+    def res(a):  # the tape's argument with a node's current name
+        return ('n', name[a[1]]) if a[0] == 'n' else ('l', [res(o) for o in a[1]]) if a[0] == 'l' else a
     for i,(func,b,eargs,ekw,oid,inplace,okind) in enumerate(tape):
         used,expand = [],okind == 'E'
+        tap[f"t{i}"] = (b, [res(x) for x in eargs], {k: res(v) for k,v in ekw})
         a = [ref(x, expand, used) for x in eargs]
         kw = {k: ref(v, expand, used) for k,v in ekw}
         if inplace: a[0] = f"{a[0]}.clone()"  # functional: the buffer read stays intact for the other pass
@@ -468,6 +473,7 @@ def build_passes(tape, in_ids, in_kinds, st_out, finals_s, nscal=None):
             x = a[0]
             if b in ('sum', 'mean', 'norm', 'vector_norm'):  # sums per block, then per segment
                 pre[f"t{i}"] = f"bs{i} = _blocksum({x}*{x} if {b in ('norm', 'vector_norm')} else {x}, mask)"
+                if eargs[0][0] == 'n': red[f"t{i}"] = (x, b in ('norm', 'vector_norm'))  # the tracer checked its arguments
                 e = f"_segadd(bs{i}, blens)"
                 e = {'sum': f"{e}.to({x}.dtype)", 'mean': f"({e} / seglen).to({x}.dtype)"}.get(b, f"{e}.sqrt().to({x}.dtype)")
             else: e = f"_segmax({x}, seg, nseg, mask)"
@@ -530,8 +536,139 @@ def build_passes(tape, in_ids, in_kinds, st_out, finals_s, nscal=None):
     l2 += [f"    ins[{j}].copy_({n})" for j,n in enumerate((name[0], name[1])) if n != f"n{j}"]
     src = ("def pass1(ins, scal, seg, valid, seglen, blens):\n" + "\n".join(l1) + "\n\n" +
            "def pass2(ins, svals, scal, seg):\n" + "\n".join(l2) + "\n")
-    exec(compile(src, f"<fastopt-fused-{abs(hash(src))}>", 'exec'), g)
-    return g['pass1'], g['pass2'], src
+    nat = None
+    if native:  # the elementwise nodes and block sums in one C++ loop; the per-tensor values after it, in torch
+        kern = [n for n in order if n in need1 and kind[n] == 'E']
+        reds = [n for n in order if n in need1 and n in pre]
+        rest = [n for n in order if n in need1 and kind[n] != 'E']
+        e_ins = [f"n{i}" for i in in_ids[:2+n_e]]
+        if all(n in red for n in reds) and all(kind.get(d) != 'E' for n in rest if n not in red for d in deps[n]):
+            k = native_pass1([(n,) + tap[n] for n in kern], [red[n] for n in reds],
+                             [(o, n) for n,o in zip(st_new, st_in) if n != o], e_ins, nscal)
+            lr = [f"    {', '.join(f'n{i}' for i in in_ids)}{',' if len(in_ids)==1 else ''} = ins", "    nseg = seglen.shape[0]"]
+            lr += [f"    {', '.join(pre[n].split(' ')[0] for n in reds)}, = bs"] if reds else []
+            lr += [f"    {n} = {code[n].replace(f'{red[n][0]}.dtype', 'torch.float32') if n in red else code[n]}" for n in rest]
+            lr += [l1[-1]]
+            if k is not None:
+                rsrc = "def rest(ins, scal, seg, seglen, blens, bs):\n" + "\n".join(lr) + "\n"
+                exec(compile(rsrc, f"<fastopt-fused-{abs(hash(rsrc))}>", 'exec'), g)
+                nat = _native_runner(k[0], k[1], [e_ins.index(n) for n in k[2]], len(reds), g['rest'])
+                if nat is not None: src += "\n" + rsrc + "\n// pass 1's loop (C++)\n" + k[0]
+    exec(compile(src if nat is None else src[:src.index('\ndef rest(')], f"<fastopt-fused-{abs(hash(src))}>", 'exec'), g)
+    return g['pass1'], g['pass2'], src, nat
+
+# %% ../nbs/10_fused.ipynb #a71c0e02
+def _cfloat(v):
+    "A python number as a C++ float expression"
+    v = float(v)
+    if math.isnan(v): return "std::numeric_limits<float>::quiet_NaN()"
+    if math.isinf(v): return f"{'-' if v < 0 else ''}std::numeric_limits<float>::infinity()"
+    return f"static_cast<float>({v!r})"
+
+def _cpp_op(b, a, kw, raw):
+    """C++ for one fp32 op of the tape on `at::vec::Vectorized<float>` operands `a` (and keyword operands `kw`; `raw`:
+    the tape's own arguments, for exponents), or None for an op the emitter does not know; as the compiled pass does,
+    `add(a, b, alpha=s)` is `a + b*s` and `addcmul(a, x, y, value=s)` is `a + s*x*y`"""
+    if b in ('add', 'sub') and len(a) == 2 and set(kw) <= {'alpha'}:
+        o = f"({a[1]} * {kw['alpha']})" if 'alpha' in kw else a[1]
+        return f"({a[0]} {'+' if b == 'add' else '-'} {o})"
+    if b in ('mul', 'div', 'true_divide') and len(a) == 2 and not kw: return f"({a[0]} {'*' if b == 'mul' else '/'} {a[1]})"
+    if b in ('addcmul', 'addcdiv') and len(a) == 3 and set(kw) <= {'value'}:
+        t = f"{a[1]} * {a[2]}" if b == 'addcmul' else f"({a[1]} / {a[2]})"
+        return f"({a[0]} + {kw['value']} * {t})" if 'value' in kw else f"({a[0]} + {t})"
+    if b in ('sqrt', 'rsqrt', 'abs', 'neg', 'reciprocal') and len(a) == 1 and not kw: return f"{a[0]}.{b}()"
+    if b == 'pow' and len(a) == 2 and not kw and raw[1][0] == 'c' and raw[1][1] in (2, 0.5):
+        return f"({a[0]} * {a[0]})" if raw[1][1] == 2 else f"{a[0]}.sqrt()"
+    if b in ('maximum', 'minimum') and len(a) == 2 and not kw: return f"at::vec::{b}({a[0]}, {a[1]})"
+    if b == 'clamp' and set(kw) <= {'min', 'max'} and len(a) + len(kw) <= 3:
+        lo,hi = (a[1:] + [None, None])[:2]
+        lo,hi = kw.get('min', lo),kw.get('max', hi)
+        e = a[0]
+        if lo not in (None, 'None'): e = f"at::vec::clamp_min({e}, {lo})"
+        if hi not in (None, 'None'): e = f"at::vec::clamp_max({e}, {hi})"
+        return e
+    return None
+
+def native_pass1(nodes, reds, stores, e_ins, nscal):
+    """C++ source of pass 1 as one loop over the blocks (CPU, fp32): `nodes` are the elementwise nodes in order, as
+    `(name, op, args, kwargs)` with args `('n', name)`, `('s', index)` or `('c', value)`; `reds` the block sums,
+    `(node, squared)`; `stores` the new state, `(buffer, node)`; `e_ins` the flat inputs. Returns (source, argument types,
+    the inputs the kernel takes), or None where an op is not one the emitter knows (the compiled pass 1 is used then)"""
+    V = "at::vec::Vectorized<float>"
+    scalars,body,known,reads = set(),[],set(e_ins),set()
+    def opnd(x):
+        t,v = x
+        if t == 'n':
+            reads.add(v); return v if v in known else None
+        if t == 's': scalars.add(v); return f"s{v}"
+        if t == 'c' and isinstance(v, (int, float)) and not isinstance(v, bool): return f"{V}({_cfloat(v)})"
+        if t == 'c' and v is None: return 'None'
+        return None
+    for nm,b,args,kw in nodes:
+        a,k = [opnd(x) for x in args],{key: opnd(x) for key,x in kw.items()}
+        if any(x is None for x in a) or any(x is None for x in k.values()): return None
+        if nscal is not None and b in ('div', 'true_divide') and len(args) == 2 and args[1][0] == 's' and not kw:
+            e = f"({a[0]} * s{nscal + args[1][1]})"; scalars.add(nscal + args[1][1])  # the reciprocal, as the compiled pass
+        else: e = _cpp_op(b, a, k, args)
+        if e is None: return None
+        body.append(f"            const {V} {nm} = {e};"); known.add(nm)
+    if any(n not in known for n,_ in reds) or any(n not in known for _,n in stores): return None
+    reads |= {n for n,_ in reds} | {n for _,n in stores}
+    used = [n for n in e_ins if n in reads]
+    written = [b for b,_ in stores]
+    bufs = [n for n in e_ins if n in reads or n in written]
+    sig = ["const int32_t* valid", "const double* scal"] + \
+          [f"{'float' if n in written else 'const float'}* P{n}" for n in bufs] + \
+          [f"float* bs{j}" for j in range(len(reds))] + ["const int64_t nblocks"]
+    types = ['const int32_t*', 'const double*'] + [s.rsplit(' ', 1)[0] for s in sig[2:-1]] + ['const int64_t']
+    red = lambda n, sq: f"({n} * {n})" if sq else n
+    full = [f"                acc{j} += {red(n, sq)};" for j,(n,sq) in enumerate(reds)] + \
+           [f"                {n}.store(P{bname} + o);" for bname,n in stores]
+    part = [f"                acc{j} += {V}::set(zero, {red(n, sq)}, c);" for j,(n,sq) in enumerate(reds)] + \
+           [f"                {V}::set(zero, {n}, c).store(P{bname} + o);" for bname,n in stores]
+    src = "\n".join([
+        "#include <torch/csrc/inductor/cpp_prefix.h>",
+        f"extern \"C\" void kernel({', '.join(sig)})", "{",
+        *[f"    const {V} s{i}(static_cast<float>(scal[{i}]));" for i in sorted(scalars)],
+        f"    const {V} zero(0.f);",
+        "    #pragma omp parallel for schedule(static)",
+        "    for (int64_t x0 = 0; x0 < nblocks; x0++) {",
+        "        const int64_t nv = valid[x0];",
+        *[f"        {V} acc{j}(0.f);" for j in range(len(reds))],
+        f"        for (int64_t x1 = 0; x1 < {BLOCK}; x1 += {V}::size()) {{",
+        f"            const int64_t o = x0 * {BLOCK} + x1;",
+        *[f"            const {V} {n} = {V}::loadu(P{n} + o);" for n in used],
+        *body,
+        f"            if (x1 + {V}::size() <= nv) {{", *full,
+        "            } else {  // the tensor's last block: padding adds nothing and is stored as 0",
+        "                const int64_t c = std::max<int64_t>(0, nv - x1);", *part,
+        "            }", "        }",
+        *[f"        bs{j}[x0] = at::vec::vec_reduce_all<float, 1>([]({V}& x, {V}& y) {{ return x + y; }}, acc{j});" for j in range(len(reds))],
+        "    }", "}", ""])
+    return src, types, bufs
+
+def _load_native(src, types):
+    "The compiled kernel (through inductor's C++ compiler and cache, with its vector ISA flags), or None"
+    try:
+        from torch._inductor.async_compile import AsyncCompile
+        k = AsyncCompile().cpp_pybinding(types, src)
+        return k.result() if hasattr(k, 'result') else k
+    except Exception: return None
+
+def _native_runner(src, types, idx, nred, rest):
+    "Pass 1 as the compiled C++ loop (`ins[idx]` its flat inputs) followed by `rest` on the block sums, or None"
+    kern = _load_native(src, types)
+    if kern is None: return None
+    def pass1(ins, scal, seg, valid, seglen, blens):
+        nb,bufs = valid.shape[0],[ins[j] for j in idx]
+        # the kernel takes raw pointers: what it reads and writes must be what it was compiled for
+        if not (valid.dtype == torch.int32 and scal.dtype == torch.float64 and valid.is_contiguous() and scal.is_contiguous()
+                and all(t.dtype == torch.float32 and t.device.type == 'cpu' and t.is_contiguous() and t.numel() == nb*BLOCK for t in bufs)):
+            raise RuntimeError("native pass 1: inputs are not contiguous fp32 CPU blocks")
+        bs = [torch.empty(nb) for _ in range(nred)]
+        kern(valid, scal, *bufs, *bs, nb)
+        return rest(ins, scal, seg, seglen, blens, bs)
+    return pass1
 
 # %% ../nbs/10_fused.ipynb #3563388d
 def _dense(t):
@@ -665,6 +802,7 @@ class FusedEngine:
     name = 'fused'
     recip = False  # one-kernel replays too: a division by a scalar becomes a multiplication by its reciprocal (no gain measured for Adam)
     two_pass = True  # chains whose per-tensor reductions read the state: two passes (`build_passes`), not one replay
+    native = True  # on the CPU, fp32: pass 1 as one C++ loop (`native_pass1`) where the emitter knows the chain's ops
     def __init__(self):
         self.data = weakref.WeakKeyDictionary()
         self.compiled,self.sources = _compiled,_sources
@@ -787,13 +925,16 @@ class FusedEngine:
         in_kinds = ['E']*(2+len(b.ekeys)) + ['S']*(len(in_ids)-2-len(b.ekeys))
         has_seg = any(e[6] == 'S' for e in tr.tape) or len(in_ids) > 2+len(b.ekeys)
         key = (tuple((e[0], e[2], e[3], e[4], e[5], e[6]) for e in tr.tape), tuple(in_ids), tuple(in_kinds),
-               tuple(o for _,o in outs_e), tuple(o for _,o in outs_s), b.dtype, tuple(b.ekeys.items()), b.device.type, self.two_pass, self.recip)
+               tuple(o for _,o in outs_e), tuple(o for _,o in outs_s), b.dtype, tuple(b.ekeys.items()), b.device.type, self.two_pass, self.recip,
+               self.native and b.device.type == 'cpu' and b.dtype == torch.float32)
         fn = self.compiled.get(key)
         if fn is None:
             global compile_count
-            two = has_seg and self.two_pass and build_passes(tr.tape, in_ids, in_kinds, [res[k]._fo_id for k in b.ekeys], [o for _,o in outs_s], len(tr.scalars))
+            if b.device.type == 'cpu': _before_cpu_compile()
+            two = has_seg and self.two_pass and build_passes(tr.tape, in_ids, in_kinds, [res[k]._fo_id for k in b.ekeys],
+                                                             [o for _,o in outs_s], len(tr.scalars), native=key[-1])
             if two:  # two passes: the first writes the new state, the second reads it back to update the parameter
-                fn = (torch.compile(two[0], dynamic=True, fullgraph=True, options=_recompute),
+                fn = (two[3] or torch.compile(two[0], dynamic=True, fullgraph=True, options=_recompute),
                       torch.compile(two[1], dynamic=True, fullgraph=True)); src = two[2]
             else:
                 replay, src = build_replay(tr.tape, in_ids, in_kinds, [o for _,o in outs_e], [o for _,o in outs_s], len(tr.scalars) if self.recip else None)
