@@ -16,7 +16,7 @@ from .optimizer import engines, EagerEngine, Hypers, _update
 
 # %% auto #0
 __all__ = ['BLOCK', 'compile_count', 'Untraceable', 'trace_chain', 'trace_cached', 'make_source', 'build_replay', 'build_passes',
-           'native_pass1', 'FusedEngine', 'AutoEngine']
+           'native_step', 'NativeStep', 'FusedEngine', 'AutoEngine']
 
 # %% ../nbs/10_fused.ipynb #31f6c418
 class Untraceable(Exception):
@@ -445,8 +445,8 @@ def build_passes(tape, in_ids, in_kinds, st_out, finals_s, nscal=None, native=Fa
     `ins` are `[p, g]`, then the flat state buffers (`st_out`: the node each one ends as), then per-tensor state. Returns
     (pass1, pass2, source, native pass1), or None where the parameter's update needs a state value that pass 1 overwrote.
     With `nscal`, `scal` also holds the reciprocals of the `nscal` scalars after them, and a division by a scalar becomes a
-    multiplication. With `native` (fp32 on the CPU), the fourth is pass 1 as one C++ loop (`native_pass1`) where the
-    emitter knows every op, else None."""
+    multiplication. With `native` (fp32 on the CPU), the fourth is both passes as one C++ function (`native_step`) where
+    the emitter knows every op, else None."""
     g, _, _, _, cref = make_source(tape, in_ids, None)
     name = {i: f"n{i}" for i in in_ids}            # node id -> name of its current version (in-place ops make new ones)
     kind = {f"n{i}": k for i,k in zip(in_ids, in_kinds)}
@@ -473,7 +473,8 @@ def build_passes(tape, in_ids, in_kinds, st_out, finals_s, nscal=None, native=Fa
             x = a[0]
             if b in ('sum', 'mean', 'norm', 'vector_norm'):  # sums per block, then per segment
                 pre[f"t{i}"] = f"bs{i} = _blocksum({x}*{x} if {b in ('norm', 'vector_norm')} else {x}, mask)"
-                if eargs[0][0] == 'n': red[f"t{i}"] = (x, b in ('norm', 'vector_norm'))  # the tracer checked its arguments
+                if eargs[0][0] == 'n' and dict(ekw).get('dtype', ('c', torch.float32)) == ('c', torch.float32):
+                    red[f"t{i}"] = (name[eargs[0][1]], 'norm' if b in ('norm', 'vector_norm') else b)  # the tracer checked the rest
                 e = f"_segadd(bs{i}, blens)"
                 e = {'sum': f"{e}.to({x}.dtype)", 'mean': f"({e} / seglen).to({x}.dtype)"}.get(b, f"{e}.sqrt().to({x}.dtype)")
             else: e = f"_segmax({x}, seg, nseg, mask)"
@@ -537,24 +538,20 @@ def build_passes(tape, in_ids, in_kinds, st_out, finals_s, nscal=None, native=Fa
     src = ("def pass1(ins, scal, seg, valid, seglen, blens):\n" + "\n".join(l1) + "\n\n" +
            "def pass2(ins, svals, scal, seg):\n" + "\n".join(l2) + "\n")
     nat = None
-    if native:  # the elementwise nodes and block sums in one C++ loop; the per-tensor values after it, in torch
-        kern = [n for n in order if n in need1 and kind[n] == 'E']
+    if native and not finals_s and len(in_ids) == 2 + n_e:  # per-tensor state in or out: the compiled passes
         reds = [n for n in order if n in need1 and n in pre]
-        rest = [n for n in order if n in need1 and kind[n] != 'E']
-        e_ins = [f"n{i}" for i in in_ids[:2+n_e]]
-        if all(n in red for n in reds) and all(kind.get(d) != 'E' for n in rest if n not in red for d in deps[n]):
-            k = native_pass1([(n,) + tap[n] for n in kern], [red[n] for n in reds],
-                             [(o, n) for n,o in zip(st_new, st_in) if n != o], e_ins, nscal)
-            lr = [f"    {', '.join(f'n{i}' for i in in_ids)}{',' if len(in_ids)==1 else ''} = ins", "    nseg = seglen.shape[0]"]
-            lr += [f"    {', '.join(pre[n].split(' ')[0] for n in reds)}, = bs"] if reds else []
-            lr += [f"    {n} = {code[n].replace(f'{red[n][0]}.dtype', 'torch.float32') if n in red else code[n]}" for n in rest]
-            lr += [l1[-1]]
-            if k is not None:
-                rsrc = "def rest(ins, scal, seg, seglen, blens, bs):\n" + "\n".join(lr) + "\n"
-                exec(compile(rsrc, f"<fastopt-fused-{abs(hash(rsrc))}>", 'exec'), g)
-                nat = _native_runner(k[0], k[1], [e_ins.index(n) for n in k[2]], len(reds), g['rest'])
-                if nat is not None: src += "\n" + rsrc + "\n// pass 1's loop (C++)\n" + k[0]
-    exec(compile(src if nat is None else src[:src.index('\ndef rest(')], f"<fastopt-fused-{abs(hash(src))}>", 'exec'), g)
+        if all(n in red for n in reds):
+            k = native_step([(n,) + tap[n] for n in order if n in need1 and kind[n] == 'E'],
+                            [(n, red[n][1], red[n][0]) for n in reds], [(o, n) for n,o in zip(st_new, st_in) if n != o],
+                            [(n,) + tap[n] for n in order if n in need1 and kind[n] != 'E' and n not in pre], svals,
+                            [(n,) + tap[n] for n in order if n in seen],
+                            [(f"n{j}", n) for j,n in enumerate((name[0], name[1])) if n != f"n{j}"],
+                            [f"n{i}" for i in in_ids], list(zip(st_new, st_in)), nscal)
+            kern = k and _load_native(k[0], k[1])
+            if kern is not None:
+                nat = NativeStep(kern, [in_ids.index(int(n[1:])) for n in k[2]], len(reds), len(svals))
+                src += "\n// both passes, group by group (C++)\n" + k[0]
+    exec(compile(src if nat is None else src[:src.index('\n// both passes')], f"<fastopt-fused-{abs(hash(src))}>", 'exec'), g)
     return g['pass1'], g['pass2'], src, nat
 
 # %% ../nbs/10_fused.ipynb #a71c0e02
@@ -565,10 +562,10 @@ def _cfloat(v):
     if math.isinf(v): return f"{'-' if v < 0 else ''}std::numeric_limits<float>::infinity()"
     return f"static_cast<float>({v!r})"
 
-def _cpp_op(b, a, kw, raw):
-    """C++ for one fp32 op of the tape on `at::vec::Vectorized<float>` operands `a` (and keyword operands `kw`; `raw`:
-    the tape's own arguments, for exponents), or None for an op the emitter does not know; as the compiled pass does,
-    `add(a, b, alpha=s)` is `a + b*s` and `addcmul(a, x, y, value=s)` is `a + s*x*y`"""
+def _cpp_op(b, a, kw, raw, vec=True):
+    """C++ for one fp32 op of the tape on `at::vec::Vectorized<float>` operands `a` (`vec`) or on float and bool scalars,
+    with keyword operands `kw` (`raw`: the tape's own arguments, for exponents), or None for an op the emitter does not
+    know; as in the compiled passes, `add(a, b, alpha=s)` is `a + b*s` and `addcmul(a, x, y, value=s)` is `a + s*x*y`"""
     if b in ('add', 'sub') and len(a) == 2 and set(kw) <= {'alpha'}:
         o = f"({a[1]} * {kw['alpha']})" if 'alpha' in kw else a[1]
         return f"({a[0]} {'+' if b == 'add' else '-'} {o})"
@@ -576,76 +573,146 @@ def _cpp_op(b, a, kw, raw):
     if b in ('addcmul', 'addcdiv') and len(a) == 3 and set(kw) <= {'value'}:
         t = f"{a[1]} * {a[2]}" if b == 'addcmul' else f"({a[1]} / {a[2]})"
         return f"({a[0]} + {kw['value']} * {t})" if 'value' in kw else f"({a[0]} + {t})"
-    if b in ('sqrt', 'rsqrt', 'abs', 'neg', 'reciprocal') and len(a) == 1 and not kw: return f"{a[0]}.{b}()"
     if b == 'pow' and len(a) == 2 and not kw and raw[1][0] == 'c' and raw[1][1] in (2, 0.5):
-        return f"({a[0]} * {a[0]})" if raw[1][1] == 2 else f"{a[0]}.sqrt()"
-    if b in ('maximum', 'minimum') and len(a) == 2 and not kw: return f"at::vec::{b}({a[0]}, {a[1]})"
+        return f"({a[0]} * {a[0]})" if raw[1][1] == 2 else _cpp_op('sqrt', a[:1], {}, raw[:1], vec)
+    if len(a) == 1 and not kw and b in ('sqrt', 'rsqrt', 'abs', 'neg', 'reciprocal'):
+        if vec: return f"{a[0]}.{b}()"
+        return {'sqrt': f"std::sqrt({a[0]})", 'rsqrt': f"(1.f / std::sqrt({a[0]}))", 'abs': f"std::abs({a[0]})",
+                'neg': f"(-{a[0]})", 'reciprocal': f"(1.f / {a[0]})"}[b]
+    if b in ('maximum', 'minimum') and len(a) == 2 and not kw:
+        return f"at::vec::{b}({a[0]}, {a[1]})" if vec else f"fo_{b}({a[0]}, {a[1]})"
     if b == 'clamp' and set(kw) <= {'min', 'max'} and len(a) + len(kw) <= 3:
-        lo,hi = (a[1:] + [None, None])[:2]
+        lo,hi = (a[1:] + ['None', 'None'])[:2]
         lo,hi = kw.get('min', lo),kw.get('max', hi)
         e = a[0]
-        if lo not in (None, 'None'): e = f"at::vec::clamp_min({e}, {lo})"
-        if hi not in (None, 'None'): e = f"at::vec::clamp_max({e}, {hi})"
+        if lo != 'None': e = f"at::vec::clamp_min({e}, {lo})" if vec else f"fo_maximum({e}, {lo})"
+        if hi != 'None': e = f"at::vec::clamp_max({e}, {hi})" if vec else f"fo_minimum({e}, {hi})"
         return e
+    if vec: return None
+    cmp = {'eq': '==', 'ne': '!=', 'lt': '<', 'le': '<=', 'gt': '>', 'ge': '>='}
+    if b.strip('_') in cmp and len(a) == 2 and not kw: return f"({a[0]} {cmp[b.strip('_')]} {a[1]})"
+    if b in ('__or__', 'bitwise_or', 'logical_or', '__and__', 'bitwise_and', 'logical_and') and len(a) == 2 and not kw:
+        return f"({a[0]} {'||' if 'or' in b else '&&'} {a[1]})"
+    if b in ('__invert__', 'bitwise_not', 'logical_not') and len(a) == 1 and not kw: return f"(!{a[0]})"
+    if b == 'where' and len(a) == 3 and not kw: return f"({a[0]} ? {a[1]} : {a[2]})"
     return None
 
-def native_pass1(nodes, reds, stores, e_ins, nscal):
-    """C++ source of pass 1 as one loop over the blocks (CPU, fp32): `nodes` are the elementwise nodes in order, as
-    `(name, op, args, kwargs)` with args `('n', name)`, `('s', index)` or `('c', value)`; `reds` the block sums,
-    `(node, squared)`; `stores` the new state, `(buffer, node)`; `e_ins` the flat inputs. Returns (source, argument types,
-    the inputs the kernel takes), or None where an op is not one the emitter knows (the compiled pass 1 is used then)"""
+_BOOL_OPS = {'eq', 'ne', 'lt', 'le', 'gt', 'ge', '__or__', 'bitwise_or', 'logical_or', '__and__', 'bitwise_and', 'logical_and',
+             '__invert__', 'bitwise_not', 'logical_not'}
+
+def native_step(p1, reds, stores1, tensor_ops, svals, p2, stores2, e_ins, loads2, nscal):
+    """C++ source of a two-pass step (CPU, fp32) as one function, run group by group of whole tensors so that pass 2 finds
+    the data of pass 1 in cache. `p1`, `tensor_ops` and `p2` are the nodes of pass 1 (elementwise), of the per-tensor
+    values and of pass 2, as `(name, op, args, kwargs)` with args `('n', name)`, `('s', index)` or `('c', value)`; `reds`
+    the reductions, `(name, kind, x)` with kind 'sum', 'mean' or 'norm' of the elementwise node `x`; `stores1`, `stores2`
+    what each pass writes, `(buffer, node)`; `svals` the per-tensor values pass 2 reads; `e_ins` the flat inputs;
+    `loads2` the new state pass 2 reads, `(node, buffer)`. Returns (source, argument types, the flat inputs it takes), or
+    None where an op is not one the emitter knows."""
     V = "at::vec::Vectorized<float>"
-    scalars,body,known,reads = set(),[],set(e_ins),set()
-    def opnd(x):
-        t,v = x
-        if t == 'n':
-            reads.add(v); return v if v in known else None
-        if t == 's': scalars.add(v); return f"s{v}"
-        if t == 'c' and isinstance(v, (int, float)) and not isinstance(v, bool): return f"{V}({_cfloat(v)})"
-        if t == 'c' and v is None: return 'None'
-        return None
-    for nm,b,args,kw in nodes:
-        a,k = [opnd(x) for x in args],{key: opnd(x) for key,x in kw.items()}
-        if any(x is None for x in a) or any(x is None for x in k.values()): return None
-        if nscal is not None and b in ('div', 'true_divide') and len(args) == 2 and args[1][0] == 's' and not kw:
-            e = f"({a[0]} * s{nscal + args[1][1]})"; scalars.add(nscal + args[1][1])  # the reciprocal, as the compiled pass
-        else: e = _cpp_op(b, a, k, args)
-        if e is None: return None
-        body.append(f"            const {V} {nm} = {e};"); known.add(nm)
-    if any(n not in known for n,_ in reds) or any(n not in known for _,n in stores): return None
-    reads |= {n for n,_ in reds} | {n for _,n in stores}
-    used = [n for n in e_ins if n in reads]
-    written = [b for b,_ in stores]
-    bufs = [n for n in e_ins if n in reads or n in written]
-    sig = ["const int32_t* valid", "const double* scal"] + \
+    scalars,reads = set(),set()
+    def body(nodes, known, vec, indent, types=None):
+        lines = []
+        def opnd(x):
+            t,v = x
+            if t == 'n':
+                reads.add(v); return v if v in known else None
+            if t == 's': scalars.add(v); return f"s{v}" if vec else f"f{v}"
+            if t == 'c' and v is None: return 'None'
+            if t == 'c' and isinstance(v, bool) and not vec: return 'true' if v else 'false'
+            if t == 'c' and isinstance(v, (int, float)) and not isinstance(v, bool): return f"{V}({_cfloat(v)})" if vec else _cfloat(v)
+            return None
+        for nm,b,args,kw in nodes:
+            a,k = [opnd(x) for x in args],{key: opnd(x) for key,x in kw.items()}
+            if any(x is None for x in a) or any(x is None for x in k.values()): return None
+            if nscal is not None and b in ('div', 'true_divide') and len(args) == 2 and args[1][0] == 's' and not kw:
+                i = nscal + args[1][1]; scalars.add(i)   # the reciprocal, as in the compiled passes
+                e = f"({a[0]} * {'s' if vec else 'f'}{i})"
+            else: e = _cpp_op(b, a, k, args, vec)
+            if e is None: return None
+            ty = V if vec else 'bool' if b.strip('_') in _BOOL_OPS or b in _BOOL_OPS else 'float'
+            lines.append(f"{indent}const {ty} {nm} = {e};"); known.add(nm)
+        return lines
+    b1 = body(p1, set(e_ins), True, " "*16)
+    if b1 is None or any(x not in e_ins and x not in {n for n,*_ in p1} for _,_,x in reds): return None
+    known_s = {n for n,_,_ in reds}
+    red_lines = [f"                const float {n} = {dict(sum=f'a{j}', mean=f'a{j} / seglen[s]', norm=f'std::sqrt(a{j})')[kd]};"
+                 for j,(n,kd,_) in enumerate(reds)]
+    bs = body(tensor_ops, known_s, False, " "*16)
+    if bs is None or any(v not in known_s for v in svals): return None
+    known2 = {n for n,_ in loads2} | {'n0', 'n1'} | {f"sv{j}" for j in range(len(svals))}
+    p2r = [(n, b, [('n', f"sv{svals.index(x[1])}") if x[0] == 'n' and x[1] in svals else x for x in args],
+            {k: (('n', f"sv{svals.index(x[1])}") if x[0] == 'n' and x[1] in svals else x) for k,x in kw.items()}) for n,b,args,kw in p2]
+    b2 = body(p2r, known2, True, " "*16)
+    if b2 is None: return None
+    written = [b for b,_ in stores1] + [b for b,_ in stores2]
+    bufs = [n for n in e_ins if n in reads or n in written or n in {b for _,b in loads2}]
+    sig = ["const int32_t* valid", "const int64_t* seg", "const double* scal", "const float* seglen", "const int64_t* gb",
+           "const int64_t* gs", "const int64_t ngroups"] + \
           [f"{'float' if n in written else 'const float'}* P{n}" for n in bufs] + \
-          [f"float* bs{j}" for j in range(len(reds))] + ["const int64_t nblocks"]
-    types = ['const int32_t*', 'const double*'] + [s.rsplit(' ', 1)[0] for s in sig[2:-1]] + ['const int64_t']
-    red = lambda n, sq: f"({n} * {n})" if sq else n
-    full = [f"                acc{j} += {red(n, sq)};" for j,(n,sq) in enumerate(reds)] + \
-           [f"                {n}.store(P{bname} + o);" for bname,n in stores]
-    part = [f"                acc{j} += {V}::set(zero, {red(n, sq)}, c);" for j,(n,sq) in enumerate(reds)] + \
-           [f"                {V}::set(zero, {n}, c).store(P{bname} + o);" for bname,n in stores]
+          [f"float* bs{j}" for j in range(len(reds))] + [f"float* tv{j}" for j in range(len(svals))]
+    types = [s.rsplit(' ', 1)[0] for s in sig]
+    def stores(st, indent):
+        full = [f"{indent}    {n}.store(P{b} + o);" for b,n in st]
+        part = [f"{indent}    {V}::set(zero, {n}, c).store(P{b} + o);" for b,n in st]
+        return full, part
+    f1,q1 = stores(stores1, " "*12)
+    f2,q2 = stores(stores2, " "*12)
+    sq = lambda n, kd: f"({n} * {n})" if kd == 'norm' else n
+    def loop(loads, lines, full, part, extra_full=(), extra_part=()):
+        return [f"            for (int64_t x1 = 0; x1 < {BLOCK}; x1 += {V}::size()) {{",
+                f"                const int64_t o = x0 * {BLOCK} + x1;", *loads, *lines,
+                f"                if (x1 + {V}::size() <= nv) {{", *extra_full, *full,
+                "                } else {  // the tensor's last block: padding adds nothing and is stored as 0",
+                "                    const int64_t c = std::max<int64_t>(0, nv - x1);", *extra_part, *part,
+                "                }", "            }"]
+    loads1 = [f"                const {V} {n} = {V}::loadu(P{n} + o);" for n in e_ins if n in bufs and any(n == x for x in _reads(p1, reds, stores1))]
+    loads_2 = [f"                const {V} {n} = {V}::loadu(P{b} + o);" for n,b in [('n0', 'n0'), ('n1', 'n1')] + list(loads2)
+               if n in _reads(p2r, (), stores2)]
     src = "\n".join([
         "#include <torch/csrc/inductor/cpp_prefix.h>",
+        "static inline float fo_maximum(float a, float b) { return (a != a || b != b) ? std::numeric_limits<float>::quiet_NaN() : std::max(a, b); }",
+        "static inline float fo_minimum(float a, float b) { return (a != a || b != b) ? std::numeric_limits<float>::quiet_NaN() : std::min(a, b); }",
         f"extern \"C\" void kernel({', '.join(sig)})", "{",
-        *[f"    const {V} s{i}(static_cast<float>(scal[{i}]));" for i in sorted(scalars)],
+        *[f"    const float f{i} = static_cast<float>(scal[{i}]);\n    const {V} s{i}(f{i});" for i in sorted(scalars)],
         f"    const {V} zero(0.f);",
-        "    #pragma omp parallel for schedule(static)",
-        "    for (int64_t x0 = 0; x0 < nblocks; x0++) {",
-        "        const int64_t nv = valid[x0];",
-        *[f"        {V} acc{j}(0.f);" for j in range(len(reds))],
-        f"        for (int64_t x1 = 0; x1 < {BLOCK}; x1 += {V}::size()) {{",
-        f"            const int64_t o = x0 * {BLOCK} + x1;",
-        *[f"            const {V} {n} = {V}::loadu(P{n} + o);" for n in used],
-        *body,
-        f"            if (x1 + {V}::size() <= nv) {{", *full,
-        "            } else {  // the tensor's last block: padding adds nothing and is stored as 0",
-        "                const int64_t c = std::max<int64_t>(0, nv - x1);", *part,
-        "            }", "        }",
-        *[f"        bs{j}[x0] = at::vec::vec_reduce_all<float, 1>([]({V}& x, {V}& y) {{ return x + y; }}, acc{j});" for j in range(len(reds))],
-        "    }", "}", ""])
+        "    #pragma omp parallel",
+        "    {",
+        "    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();",
+        "    for (int64_t g = 0; g < ngroups; g++) {",
+        "        // each thread takes the same share of the group's blocks in both passes",
+        "        const int64_t n = gb[g+1] - gb[g], lo = gb[g] + n * t / nt, hi = gb[g] + n * (t + 1) / nt;",
+        "        for (int64_t x0 = lo; x0 < hi; x0++) {",
+        "            const int64_t nv = valid[x0];",
+        *[f"            {V} acc{j}(0.f);" for j in range(len(reds))],
+        *loop(loads1, b1, f1, q1, [f"                    acc{j} += {sq(x, kd)};" for j,(_,kd,x) in enumerate(reds)],
+              [f"                    acc{j} += {V}::set(zero, {sq(x, kd)}, c);" for j,(_,kd,x) in enumerate(reds)]),
+        *[f"            bs{j}[x0] = at::vec::vec_reduce_all<float, 1>([]({V}& x, {V}& y) {{ return x + y; }}, acc{j});" for j in range(len(reds))],
+        "        }",
+        "        #pragma omp barrier",
+        "        #pragma omp single",
+        "        {  // per tensor of the group: its blocks' sums in order, then its values",
+        "            int64_t x0 = gb[g];",
+        "            for (int64_t s = gs[g]; s < gs[g+1]; s++) {",
+        *[f"                float a{j} = 0.f;" for j in range(len(reds))],
+        f"                for (; x0 < gb[g+1] && seg[x0] == s; x0++) {{ {' '.join(f'a{j} += bs{j}[x0];' for j in range(len(reds)))} }}",
+        *red_lines, *bs,
+        *[f"                tv{j}[s] = {v};" for j,v in enumerate(svals)],
+        "            }",
+        "        }",  # the implicit barrier of `single`
+        "        for (int64_t x0 = lo; x0 < hi; x0++) {",
+        "            const int64_t nv = valid[x0];",
+        *[f"            const {V} sv{j}(tv{j}[seg[x0]]);" for j in range(len(svals))],
+        *loop(loads_2, b2, f2, q2),
+        "        }",
+        "    }",
+        "    }",
+        "}", ""])
     return src, types, bufs
+
+def _reads(nodes, reds, stores):
+    "The names the nodes, reductions and stores read"
+    r = {x[1] for _,_,args,kw in nodes for x in list(args) + list(kw.values()) if x[0] == 'n'}
+    return r | {x for _,_,x in reds} | {n for _,n in stores}
 
 def _load_native(src, types):
     "The compiled kernel (through inductor's C++ compiler and cache, with its vector ISA flags), or None"
@@ -655,20 +722,21 @@ def _load_native(src, types):
         return k.result() if hasattr(k, 'result') else k
     except Exception: return None
 
-def _native_runner(src, types, idx, nred, rest):
-    "Pass 1 as the compiled C++ loop (`ins[idx]` its flat inputs) followed by `rest` on the block sums, or None"
-    kern = _load_native(src, types)
-    if kern is None: return None
-    def pass1(ins, scal, seg, valid, seglen, blens):
-        nb,bufs = valid.shape[0],[ins[j] for j in idx]
+class NativeStep:
+    "Both passes of a step as one compiled C++ function (`native_step`), called with the flat inputs `ins[idx]`"
+    def __init__(self, kern, idx, nred, nsv): self.kern,self.idx,self.nred,self.nsv = kern,idx,nred,nsv
+    def __call__(self, ins, scal, seg, valid, seglen, groups):
+        nb,bufs = valid.shape[0],[ins[j] for j in self.idx]
+        gb,gs = groups
         # the kernel takes raw pointers: what it reads and writes must be what it was compiled for
-        if not (valid.dtype == torch.int32 and scal.dtype == torch.float64 and valid.is_contiguous() and scal.is_contiguous()
+        if not (valid.dtype == torch.int32 and seg.dtype == gb.dtype == gs.dtype == torch.int64 and scal.dtype == torch.float64
+                and seglen.dtype == torch.float32 and seg.shape == valid.shape and gb.shape == gs.shape
+                and all(t.is_contiguous() for t in (valid, seg, scal, seglen, gb, gs)) and int(gb[-1]) == nb and int(gs[-1]) == seglen.shape[0]
                 and all(t.dtype == torch.float32 and t.device.type == 'cpu' and t.is_contiguous() and t.numel() == nb*BLOCK for t in bufs)):
-            raise RuntimeError("native pass 1: inputs are not contiguous fp32 CPU blocks")
-        bs = [torch.empty(nb) for _ in range(nred)]
-        kern(valid, scal, *bufs, *bs, nb)
-        return rest(ins, scal, seg, seglen, blens, bs)
-    return pass1
+            raise RuntimeError("native step: inputs are not contiguous fp32 CPU blocks")
+        tv = [torch.empty(seglen.shape[0]) for _ in range(self.nsv)]
+        self.kern(valid, seg, scal, seglen, gb, gs, gb.shape[0] - 1, *bufs, *[torch.empty(nb) for _ in range(self.nred)], *tv)
+        return []
 
 # %% ../nbs/10_fused.ipynb #3563388d
 def _dense(t):
@@ -802,7 +870,8 @@ class FusedEngine:
     name = 'fused'
     recip = False  # one-kernel replays too: a division by a scalar becomes a multiplication by its reciprocal (no gain measured for Adam)
     two_pass = True  # chains whose per-tensor reductions read the state: two passes (`build_passes`), not one replay
-    native = True  # on the CPU, fp32: pass 1 as one C++ loop (`native_pass1`) where the emitter knows the chain's ops
+    native = True  # on the CPU, fp32: both passes as one C++ function (`native_step`) where the emitter knows the chain's ops
+    group_elems = 1 << 20  # elements per group of whole tensors in `native_step`: pass 2 finds a group's data of pass 1 in cache
     def __init__(self):
         self.data = weakref.WeakKeyDictionary()
         self.compiled,self.sources = _compiled,_sources
@@ -934,8 +1003,8 @@ class FusedEngine:
             two = has_seg and self.two_pass and build_passes(tr.tape, in_ids, in_kinds, [res[k]._fo_id for k in b.ekeys],
                                                              [o for _,o in outs_s], len(tr.scalars), native=key[-1])
             if two:  # two passes: the first writes the new state, the second reads it back to update the parameter
-                fn = (two[3] or torch.compile(two[0], dynamic=True, fullgraph=True, options=_recompute),
-                      torch.compile(two[1], dynamic=True, fullgraph=True)); src = two[2]
+                fn = two[3] or (torch.compile(two[0], dynamic=True, fullgraph=True, options=_recompute),
+                                torch.compile(two[1], dynamic=True, fullgraph=True)); src = two[2]
             else:
                 replay, src = build_replay(tr.tape, in_ids, in_kinds, [o for _,o in outs_e], [o for _,o in outs_s], len(tr.scalars) if self.recip else None)
                 fn = torch.compile(replay, dynamic=True, fullgraph=True, options=_recompute if has_seg else None)
@@ -953,11 +1022,12 @@ class FusedEngine:
         if has_seg:  # blocks of BLOCK elements, as views made here: a view of a mutated input inside the compiled function costs copies
             ins_t = [t.view(-1, BLOCK) if t.dim() == 1 else t for t in ins_t[:2+len(b.ekeys)]] + ins_t[2+len(b.ekeys):]
             dests = [d.view(-1, BLOCK) for d in dests]
-        if isinstance(fn, tuple) or self.recip:  # the reciprocals of the scalars after them
+        if isinstance(fn, (tuple, NativeStep)) or self.recip:  # the reciprocals of the scalars after them
             scal = torch.tensor(tr.scalars + [1/s if s else math.copysign(math.inf, s) for s in tr.scalars], dtype=torch.float64, device=b.device)
         if b.device.type == 'cpu': _before_cpu_compile()
         try:
-            if isinstance(fn, tuple):
+            if isinstance(fn, NativeStep): outs = fn(ins_t, scal, seg, valid, seglen, self._segments(b, items)[4])
+            elif isinstance(fn, tuple):
                 outs = fn[0](ins_t, scal, seg, valid, seglen, self._segments(b, items)[3])
                 fn[1](ins_t, outs[len(outs_s):], scal, seg)
             else: outs = fn(ins_t, scal, seg, valid, seglen, dests)
@@ -976,8 +1046,9 @@ class FusedEngine:
         return True
 
     def _segments(self, b, items):
-        "Per block of a run: its parameter's index and its count of valid elements; per parameter: its length (>= 2 entries)"
-        key = (items[0][0], items[-1][0])
+        """Per block of a run: its parameter's index and its count of valid elements; per parameter: its length and its count
+        of blocks (>= 2 entries); the groups of whole parameters of about `group_elems` (first block, first parameter)"""
+        key = (items[0][0], items[-1][0], self.group_elems)
         c = getattr(b, '_segcache', None)
         if c is None: c = b._segcache = {}
         if key not in c:
@@ -988,8 +1059,14 @@ class FusedEngine:
                 valid += [min(BLOCK, max(0, n - k*BLOCK)) for k in range(nb)]
                 lens.append(max(n, 1)); blens.append(nb)
             blens += [0]*max(0, 2-len(lens)); lens += [1]*max(0, 2-len(lens))
+            gb,gs,size,nblocks = [0],[0],0,0
+            for j,nb in enumerate(blens):
+                if size and size + nb*BLOCK > self.group_elems: gb.append(nblocks); gs.append(j); size = 0
+                size += nb*BLOCK; nblocks += nb
+            gb.append(nblocks); gs.append(len(blens))
             c[key] = (torch.tensor(seg, device=b.device), torch.tensor(valid, dtype=torch.int32, device=b.device),
-                      torch.tensor(lens, dtype=torch.float32, device=b.device), torch.tensor(blens, device=b.device))
+                      torch.tensor(lens, dtype=torch.float32, device=b.device), torch.tensor(blens, device=b.device),
+                      (torch.tensor(gb), torch.tensor(gs)))
         return c[key]
 
 # With a reduction, inductor would store the values reduced and read them again in the second pass (a temporary as large
