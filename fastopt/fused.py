@@ -717,9 +717,8 @@ def _reads(nodes, reds, stores):
 def _load_native(src, types):
     "The compiled kernel (through inductor's C++ compiler and cache, with its vector ISA flags), or None"
     try:
-        from torch._inductor.async_compile import AsyncCompile
-        k = AsyncCompile().cpp_pybinding(types, src)
-        return k.result() if hasattr(k, 'result') else k
+        from torch._inductor.codecache import CppPythonBindingsCodeCache
+        return CppPythonBindingsCodeCache.load_pybinding(types, src)  # in this process: no pool of compile workers
     except Exception: return None
 
 class NativeStep:

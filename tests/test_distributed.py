@@ -8,8 +8,10 @@ import pytest, torch
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-def torchrun(script, out, *args, timeout=240):
-    "Run `script` on 2 local processes with torchrun; each rank's results from `out.RANK`"
+def torchrun(script, out, *args, timeout=240, retry=True):
+    """Run `script` on 2 local processes with torchrun; each rank's results from `out.RANK`. A worker killed by SIGABRT
+    ("terminate called without an active exception", seen in 2 of ~20 full runs, both on a loaded machine, from the
+    C++ side of a worker; the fastopt code these checks run is eager) gets one more run; a failed check exits with 1, no retry."""
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
            str(ROOT/'examples'/script), '--out', str(out), *args]
@@ -20,6 +22,8 @@ def torchrun(script, out, *args, timeout=240):
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL); p.communicate()
         pytest.fail(f"{' '.join(cmd)} timed out after {timeout}s")
+    if p.returncode != 0 and retry and 'SIGABRT' in stderr:
+        return torchrun(script, out, *args, timeout=timeout, retry=False)
     assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{stdout[-3000:]}\n{stderr[-5000:]}"
     return [torch.load(f'{out}.{rank}', weights_only=False) for rank in range(2)]
 

@@ -374,3 +374,94 @@ def test_trace_cache_numpy_hypers(monkeypatch):
     assert_models_equal(mf, uncached(monkeypatch, partial(Adam, lr=1e-2, wd=0.01), hook=hook)[0])
     me,_ = sched_train('eager', partial(Adam, lr=1e-2, wd=0.01), hook=hook)
     assert_models_close(me, mf)
+
+# --- two-pass chains as one C++ function (native_step) ---
+from fastopt.fused import NativeStep, native_step
+from fastopt.zoo import LambPaper, LambTimm
+
+TWO_PASS = {'lamb': lambda ps: Lamb(ps, 1e-2, wd=0.1), 'lamb_nowd': lambda ps: Lamb(ps, 1e-2),
+            'lamb_paper': lambda ps: LambPaper(ps, 1e-2, wd=0.1), 'lamb_timm': lambda ps: LambTimm(ps, 1e-2, wd=0.1)}
+NATIVE_SHAPES = [(3,), (700,), (64, 3, 3, 3), (1030,), (5,), (2048, 3), (512,)]
+
+def run_native(name, native=True, group_elems=None, threads=1, steps=4, nan_at=None, engine='fused'):
+    torch.manual_seed(1)
+    ps = [nn.Parameter(torch.randn(s)) for s in NATIVE_SHAPES]
+    opt = TWO_PASS[name](ps); opt.engine = engine
+    if engine == 'fused':
+        opt.engine.native = native
+        if group_elems: opt.engine.group_elems = group_elems
+    old = torch.get_num_threads(); torch.set_num_threads(threads)
+    try:
+        for s in range(steps):
+            for i,p in enumerate(ps):
+                p.grad = torch.randn_like(p)
+                if nan_at == (s, i): p.grad[0] = float('nan')
+            opt.step()
+    finally: torch.set_num_threads(old)
+    return ps, opt
+
+def native_fns(opt):
+    return [f for f in opt.engine.compiled.values() if isinstance(f, NativeStep)]
+
+@pytest.mark.parametrize('name', list(TWO_PASS))
+def test_native_step_matches_eager_and_compiled(name):
+    ps_n, opt_n = run_native(name)
+    assert native_fns(opt_n), "the two-pass chain should run as a native step on the CPU in fp32"
+    ps_c, _ = run_native(name, native=False)
+    ps_e, opt_e = run_native(name, engine='eager')
+    for a,b,c in zip(ps_n, ps_c, ps_e):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+    for p,q in zip(ps_n, ps_e):
+        for k in ('grad_avg', 'sqr_avg'):
+            torch.testing.assert_close(opt_n.state[p][k], opt_e.state[q][k], rtol=1e-5, atol=1e-7)
+
+def test_native_step_groups_and_threads_bitwise():
+    "Block sums are added per tensor in block order: neither the groups nor the thread count change a bit"
+    ref,_ = run_native('lamb', group_elems=1 << 30)
+    for ge,th in [(1024, 1), (4096, 2), (1 << 20, 2)]:
+        ps,opt = run_native('lamb', group_elems=ge, threads=th)
+        assert native_fns(opt)
+        for a,b in zip(ref, ps): assert torch.equal(a, b), (ge, th)
+
+def test_native_step_padding_stays_zero():
+    ps,opt = run_native('lamb')
+    b = opt.engine.data[opt].buckets[0]
+    used = torch.zeros(b.P.numel(), dtype=torch.bool)
+    for off,p in zip(b.offs, b.params): used[off:off+p.numel()] = True
+    for buf in [b.P] + list(b.S.values()): assert (buf[~used] == 0).all()
+
+def test_native_step_nan_grad():
+    "A nan gradient spreads as in eager: through its tensor's norm into that tensor only"
+    ps_n,_ = run_native('lamb', nan_at=(2, 1))
+    ps_e,_ = run_native('lamb', nan_at=(2, 1), engine='eager')
+    for a,b in zip(ps_n, ps_e): torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert ps_n[1].isnan().all() and not ps_n[0].isnan().any()
+
+def test_native_step_unknown_op_falls_back():
+    "An op the emitter does not know gives None (the engine keeps the compiled passes)"
+    p1 = [('t0', 'exp', [('n', 'n0')], {})]
+    args = ([('t1', 'sum', 't0')], [], [], ['t1'], [('t2', 'mul', [('n', 'n0'), ('n', 't1')], {})], [('n0', 't2')], ['n0', 'n1'], [], None)
+    assert native_step(p1, *args) is None
+    assert native_step([('t0', 'mul', [('n', 'n0'), ('n', 'n1')], {})], *args) is not None
+
+def test_native_step_user_two_pass_chain():
+    "A user's chain with a per-tensor reduction of its state runs natively too, and equals eager"
+    def avg(p, grad_avg=None, **kw):
+        if grad_avg is None: grad_avg = torch.zeros_like(p)
+        grad_avg.mul_(0.9).add_(p.grad, alpha=0.1)
+        return {'grad_avg': grad_avg}
+    def normed_step(p, lr, grad_avg, **kw):
+        p.add_(grad_avg / (grad_avg.norm() + 1e-6), alpha=-lr)
+    avg.pure = normed_step.pure = True
+    out = []
+    for engine in ('fused', 'eager'):
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(s)) for s in NATIVE_SHAPES]
+        opt = fastopt.Optimizer(ps, [avg, normed_step], lr=0.1); opt.engine = engine
+        for _ in range(3):
+            for p in ps: p.grad = torch.randn_like(p)
+            opt.step()
+        out.append((ps, opt))
+    assert native_fns(out[0][1])
+    for a,b in zip(out[0][0], out[1][0]): torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
