@@ -870,7 +870,7 @@ class FusedEngine:
     recip = False  # one-kernel replays too: a division by a scalar becomes a multiplication by its reciprocal (no gain measured for Adam)
     two_pass = True  # chains whose per-tensor reductions read the state: two passes (`build_passes`), not one replay
     native = True  # on the CPU, fp32: both passes as one C++ function (`native_step`) where the emitter knows the chain's ops
-    group_elems = 1 << 20  # elements per group of whole tensors in `native_step`: pass 2 finds a group's data of pass 1 in cache
+    group_elems = 1 << 18  # elements per group of whole tensors in `native_step`: pass 2 finds a group's data of pass 1 in cache
     def __init__(self):
         self.data = weakref.WeakKeyDictionary()
         self.compiled,self.sources = _compiled,_sources
