@@ -225,10 +225,13 @@ def main(
         extra.append(f"- peak extra memory during a fused `{names[0]}` step: {step_peak_memory(o)/pb*100:.2f}% of the parameter bytes")
     if learner:
         from fastai.optimizer import Adam as fastai_Adam
-        ta = learner_epoch(fastai_Adam)
-        te = learner_epoch(partial(fastopt.Optimizer, cbs=fastopt.Adam([torch.zeros(1)], lr=1e-3).cbs, engine='auto', mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01))
-        tf = learner_epoch(partial(fastopt.Optimizer, cbs=fastopt.Adam([torch.zeros(1)], lr=1e-3).cbs, engine='fused', mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01))
-        extra.append(f"- fastai Learner epoch on digits: fastai Adam {ta:.3f} s, fastopt Adam (default engine) {te:.3f} s, fastopt Adam (fused) {tf:.3f} s")
+        fo = lambda engine: partial(fastopt.Optimizer, cbs=fastopt.Adam([torch.zeros(1)], lr=1e-3).cbs, engine=engine, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01)
+        funcs = {'fastai Adam': fastai_Adam, 'fastopt Adam (default engine)': fo('auto'), 'fastopt Adam (fused)': fo('fused')}
+        times = {k: [] for k in funcs}
+        for _ in range(3):  # interleaved rounds and medians: an epoch takes about a second and this machine's speed drifts
+            for k,f in funcs.items(): times[k].append(learner_epoch(f))
+        extra.append("- fastai Learner epoch on digits (median of 3 interleaved rounds): " +
+                     ", ".join(f"{k} {statistics.median(v):.3f} s" for k,v in times.items()))
     if extra: text += "\n\n" + "\n".join(extra); print("\n".join(extra))
     if md: open(md, 'w').write(text + "\n")
     if png: plot(rows, png, title)
