@@ -610,7 +610,7 @@ def native_step(p1, reds, stores1, tensor_ops, svals, p2, stores2, e_ins, loads2
     None where an op is not one the emitter knows."""
     V = "at::vec::Vectorized<float>"
     scalars,reads = set(),set()
-    def body(nodes, known, vec, indent, types=None):
+    def body(nodes, known, vec, indent):
         lines = []
         def opnd(x):
             t,v = x
