@@ -609,13 +609,12 @@ def native_step(p1, reds, stores1, tensor_ops, svals, p2, stores2, e_ins, loads2
     `loads2` the new state pass 2 reads, `(node, buffer)`. Returns (source, argument types, the flat inputs it takes), or
     None where an op is not one the emitter knows."""
     V = "at::vec::Vectorized<float>"
-    scalars,reads = set(),set()
+    scalars = set()
     def body(nodes, known, vec, indent):
         lines = []
         def opnd(x):
             t,v = x
-            if t == 'n':
-                reads.add(v); return v if v in known else None
+            if t == 'n': return v if v in known else None
             if t == 's': scalars.add(v); return f"s{v}" if vec else f"f{v}"
             if t == 'c' and v is None: return 'None'
             if t == 'c' and isinstance(v, bool) and not vec: return 'true' if v else 'false'
@@ -645,7 +644,9 @@ def native_step(p1, reds, stores1, tensor_ops, svals, p2, stores2, e_ins, loads2
     b2 = body(p2r, known2, True, " "*16)
     if b2 is None: return None
     written = [b for b,_ in stores1] + [b for b,_ in stores2]
-    bufs = [n for n in e_ins if n in reads or n in written or n in {b for _,b in loads2}]
+    r1 = _reads(p1, reds, stores1)
+    reads2 = [(n, b) for n,b in [('n0', 'n0'), ('n1', 'n1')] + list(loads2) if n in _reads(p2r, (), stores2)]
+    bufs = [n for n in e_ins if n in r1 or n in written or n in {b for _,b in reads2}]
     sig = ["const int32_t* valid", "const int64_t* seg", "const double* scal", "const float* seglen", "const int64_t* gb",
            "const int64_t* gs", "const int64_t ngroups"] + \
           [f"{'float' if n in written else 'const float'}* P{n}" for n in bufs] + \
@@ -665,9 +666,8 @@ def native_step(p1, reds, stores1, tensor_ops, svals, p2, stores2, e_ins, loads2
                 "                } else {  // the tensor's last block: padding adds nothing and is stored as 0",
                 "                    const int64_t c = std::max<int64_t>(0, nv - x1);", *extra_part, *part,
                 "                }", "            }"]
-    loads1 = [f"                const {V} {n} = {V}::loadu(P{n} + o);" for n in e_ins if n in bufs and any(n == x for x in _reads(p1, reds, stores1))]
-    loads_2 = [f"                const {V} {n} = {V}::loadu(P{b} + o);" for n,b in [('n0', 'n0'), ('n1', 'n1')] + list(loads2)
-               if n in _reads(p2r, (), stores2)]
+    loads1 = [f"                const {V} {n} = {V}::loadu(P{n} + o);" for n in e_ins if n in r1]
+    loads_2 = [f"                const {V} {n} = {V}::loadu(P{b} + o);" for n,b in reads2]
     src = "\n".join([
         "#include <torch/csrc/inductor/cpp_prefix.h>",
         "static inline float fo_maximum(float a, float b) { return (a != a || b != b) ? std::numeric_limits<float>::quiet_NaN() : std::max(a, b); }",
@@ -1014,20 +1014,20 @@ class FusedEngine:
         params = [p for _,p in items]
         for k in b.skeys:
             if ins[k] in used: ins_t.append(torch.stack([opt.state[p][k] for p in params]))
-        scal = torch.tensor(tr.scalars, dtype=torch.float64, device=b.device) if tr.scalars else torch.zeros(1, dtype=torch.float64, device=b.device)
-        if has_seg: seg,valid,seglen = self._segments(b, items)[:3]
+        if isinstance(fn, (tuple, NativeStep)) or self.recip:  # the reciprocals of the scalars after them
+            scal = torch.tensor(tr.scalars + [1/s if s else math.copysign(math.inf, s) for s in tr.scalars], dtype=torch.float64, device=b.device)
+        else: scal = torch.tensor(tr.scalars, dtype=torch.float64, device=b.device) if tr.scalars else torch.zeros(1, dtype=torch.float64, device=b.device)
+        if has_seg: seg,valid,seglen,blens,groups = self._segments(b, items)
         else: seg,valid,seglen = None, None, torch.empty(2, device=b.device)
         dests = [b.S[k][sl] for k,_ in outs_e]
         if has_seg:  # blocks of BLOCK elements, as views made here: a view of a mutated input inside the compiled function costs copies
             ins_t = [t.view(-1, BLOCK) if t.dim() == 1 else t for t in ins_t[:2+len(b.ekeys)]] + ins_t[2+len(b.ekeys):]
             dests = [d.view(-1, BLOCK) for d in dests]
-        if isinstance(fn, (tuple, NativeStep)) or self.recip:  # the reciprocals of the scalars after them
-            scal = torch.tensor(tr.scalars + [1/s if s else math.copysign(math.inf, s) for s in tr.scalars], dtype=torch.float64, device=b.device)
         if b.device.type == 'cpu': _before_cpu_compile()
         try:
-            if isinstance(fn, NativeStep): outs = fn(ins_t, scal, seg, valid, seglen, self._segments(b, items)[4])
+            if isinstance(fn, NativeStep): outs = fn(ins_t, scal, seg, valid, seglen, groups)
             elif isinstance(fn, tuple):
-                outs = fn[0](ins_t, scal, seg, valid, seglen, self._segments(b, items)[3])
+                outs = fn[0](ins_t, scal, seg, valid, seglen, blens)
                 fn[1](ins_t, outs[len(outs_s):], scal, seg)
             else: outs = fn(ins_t, scal, seg, valid, seglen, dests)
         except Exception as e:
