@@ -7,7 +7,9 @@ import fastopt
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT/'nbs'
-MODULES = sorted(m.name for m in pkgutil.iter_modules(fastopt.__path__) if not m.name.startswith('_'))
+# every module, those of subpackages included (`fused.engine`); a package's own `__init__` is hand-written and re-exports them
+MODULES = sorted(m.name[len('fastopt.'):] for m in pkgutil.walk_packages(fastopt.__path__, 'fastopt.')
+                 if not m.ispkg and not m.name.split('.')[-1].startswith('_'))
 
 def _code_and_md(nb_path):
     cells = json.loads(nb_path.read_text())['cells']

@@ -1,8 +1,10 @@
 """The fused engine: run any chain of callbacks as one compiled pass over the parameters, gradients and state where they live.
 
-Stages, one module each: `ir` (the graph), `trace` (callbacks to a graph), `lower` (torch ops to primitives, passes),
+Stages, one module each: `ir` (the graph), `trace` (callbacks to a graph), `lower` (torch ops to primitives, and passes),
 `cpu` and `cuda` (kernels), `engine` (`FusedEngine`, `AutoEngine`)."""
-# Hand-written (nbdev does not generate this file): the public names of the stages.
-from .ir import *
-from .trace import *
-from .lower import *
+# Hand-written (nbdev does not generate this file): the names `fastopt` exports from the engine's stages.
+from .trace import Untraceable, trace_chain, trace_cached
+from .lower import lower, plan, rewrite
+from .engine import FusedEngine, AutoEngine, kernel_for
+
+__all__ = ['FusedEngine', 'AutoEngine', 'Untraceable', 'trace_chain', 'trace_cached']

@@ -39,7 +39,7 @@ def _load(dt, ptr):
 def _store(dt, expr):
     return {torch.bfloat16: f"fo_to_bf16(static_cast<float>({expr}))", torch.float16: f"static_cast<_Float16>({expr})"}.get(dt, f"static_cast<{_MEM[dt]}>({expr})")
 
-# %% ../../nbs/10d_fused.cpu.ipynb #95fe9f27
+# %% ../../nbs/10d_fused.cpu.ipynb #d1f853db
 cpp_ops = {
     'add': '({0} + {1})', 'sub': '({0} - {1})', 'mul': '({0} * {1})', 'div': '({0} / {1})', 'fma': 'std::fma({0}, {1}, {2})',
     'neg': '(-{0})', 'abs': 'std::abs({0})', 'sqrt': 'std::sqrt({0})', 'rsqrt': '(T(1) / std::sqrt({0}))',
@@ -48,7 +48,7 @@ cpp_ops = {
     'sigmoid': '(T(1) / (T(1) + std::exp(-{0})))', 'erf': 'std::erf({0})', 'sign': 'fo_sign({0})', 'floor': 'std::floor({0})',
     'ceil': 'std::ceil({0})', 'round': 'std::nearbyint({0})', 'trunc': 'std::trunc({0})', 'frac': '({0} - std::trunc({0}))',
     'relu': 'fo_max({0}, T(0))', 'not': '(!{0})', 'cast': '{0}',
-    'pow': 'std::pow({0}, {1})', 'powscalar': 'fo_powscalar({0}, {1})', 'maximum': 'fo_max({0}, {1})',
+    'pow': 'std::pow({0}, {1})', 'powscalar': 'fo_powscalar({0}, {1}, {2})', 'maximum': 'fo_max({0}, {1})',
     'minimum': 'fo_min({0}, {1})', 'fmax': 'std::fmax({0}, {1})', 'fmin': 'std::fmin({0}, {1})', 'atan2': 'std::atan2({0}, {1})',
     'fmod': 'std::fmod({0}, {1})', 'remainder': 'fo_remainder({0}, {1})', 'hypot': 'std::hypot({0}, {1})',
     'eq': '({0} == {1})', 'ne': '({0} != {1})', 'lt': '({0} < {1})', 'le': '({0} <= {1})', 'gt': '({0} > {1})', 'ge': '({0} >= {1})',
@@ -78,19 +78,19 @@ template <class T> static inline T fo_remainder(T a, T b) { T m = std::fmod(a, b
 template <class T> static inline T fo_softplus(T x, T beta, T th) { return x * beta > th ? x : std::log1p(std::exp(x * beta)) / beta; }
 template <class T> static inline T fo_nan_to_num(T x, T n, T p, T m) {
     return x != x ? n : (x == std::numeric_limits<T>::infinity() ? p : (x == -std::numeric_limits<T>::infinity() ? m : x)); }
-template <class T> static inline T fo_powscalar(T x, T e) {
-    if (e == T(2)) return x * x;
-    if (e == T(0.5)) return std::sqrt(x);
-    if (e == T(3)) return x * x * x;
-    if (e == T(-0.5)) return T(1) / std::sqrt(x);
-    if (e == T(-1)) return T(1) / x;
-    if (e == T(-2)) return T(1) / (x * x);
-    if (e == T(1)) return x;
-    if (e == T(0)) return T(1);
-    return std::pow(x, e); }
+template <class T> static inline T fo_powscalar(T x, double e, T r) {
+    if (e == 2) return x * x;
+    if (e == 0.5) return std::sqrt(x);
+    if (e == 3) return x * x * x;
+    if (e == -0.5) return T(1) / std::sqrt(x);
+    if (e == -1) return T(1) / x;
+    if (e == -2) return T(1) / (x * x);
+    if (e == 1) return x;
+    if (e == 0) return T(1);
+    return std::pow(x, r); }
 '''
 
-# %% ../../nbs/10d_fused.cpu.ipynb #57691e7f
+# %% ../../nbs/10d_fused.cpu.ipynb #a385cb02
 def _literal(v, ct):
     if isinstance(v, bool): return 'true' if v else 'false'
     if isinstance(v, (int, float)):
@@ -113,10 +113,13 @@ class _Names:
         if isinstance(a, Const): return _literal(a.value, ct)
         raise Untraceable(f"an argument {a!r} in the C++ kernel")
 
+_arg_types = {'powscalar': (None, 'double', None)}  # operands not converted to the compute type (the exponent is compared as given)
+
 def _statement(op, names) -> str:
     "`const <type> v{out} = <op>;`"
     ct = _ct(op.ctype)
-    expr = cpp_ops[op.name].format(*[names(a, ct) for a in op.args]).replace('T(', f'{ct}(')
+    ats = _arg_types.get(op.name, ())
+    expr = cpp_ops[op.name].format(*[names(a, (ats[i] if i < len(ats) else None) or ct) for i,a in enumerate(op.args)]).replace('T(', f'{ct}(')
     if op.name in ('eq', 'ne', 'lt', 'le', 'gt', 'ge', 'and', 'or', 'xor', 'not'): return f"const bool v{op.out} = {expr};"
     return f"const {_ct(op.dtype)} v{op.out} = {_rounded(expr, op.dtype, op.ctype)};"
 

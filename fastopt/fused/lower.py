@@ -14,14 +14,14 @@ from .trace import Untraceable, ELEMENTWISE, REDUCTIONS, CREATORS
 # %% auto #0
 __all__ = ['PRIMITIVES', 'REDUCE_PRIMS', 'rewrites', 'rewrite', 'opmath', 'Lowering', 'lower', 'Buffer', 'Pass', 'Plan', 'plan']
 
-# %% ../../nbs/10c_fused.lower.ipynb #f005c964
+# %% ../../nbs/10c_fused.lower.ipynb #8685c73e
 PRIMITIVES = {
     # unary
     'neg': 1, 'abs': 1, 'sqrt': 1, 'rsqrt': 1, 'reciprocal': 1, 'exp': 1, 'log': 1, 'log1p': 1, 'expm1': 1, 'sin': 1,
     'cos': 1, 'tanh': 1, 'sigmoid': 1, 'erf': 1, 'sign': 1, 'floor': 1, 'ceil': 1, 'round': 1, 'trunc': 1, 'frac': 1,
     'relu': 1, 'not': 1, 'cast': 1,
     # binary
-    'add': 2, 'sub': 2, 'mul': 2, 'div': 2, 'pow': 2, 'powscalar': 2, 'maximum': 2, 'minimum': 2, 'fmax': 2, 'fmin': 2,
+    'add': 2, 'sub': 2, 'mul': 2, 'div': 2, 'pow': 2, 'powscalar': 3, 'maximum': 2, 'minimum': 2, 'fmax': 2, 'fmin': 2,
     'atan2': 2, 'fmod': 2, 'remainder': 2, 'hypot': 2, 'eq': 2, 'ne': 2, 'lt': 2, 'le': 2, 'gt': 2, 'ge': 2, 'and': 2,
     'or': 2, 'xor': 2,
     # ternary and more
@@ -110,29 +110,39 @@ def lower(graph:Graph) -> Graph:
     "`graph` with its torch ops rewritten as primitives (`Untraceable` for an op with no rewrite)"
     return Lowering(graph).run()
 
-# %% ../../nbs/10c_fused.lower.ipynb #087e21af
+# %% ../../nbs/10c_fused.lower.ipynb #f745c529
 def _is_one(a): return isinstance(a, Const) and a.value == 1 and not isinstance(a.value, bool)
+_reduced = (torch.bfloat16, torch.float16)
+
+def _as_common(lw, a):
+    """A Python number or 0-d value used by `add`/`sub`: torch's kernel converts it to the operands' common dtype first
+    (so bf16 rounds it), where `mul` and `div` use it in fp32"""
+    dt = lw.op.ctype
+    if dt not in _reduced or lw.kind(a) == ELEM or lw.dtype(a) == dt: return a
+    return lw.prim('cast', a, dtype=dt, ctype=torch.float64 if lw.dtype(a) is None else lw.dtype(a), kind=lw.kind(a))
 
 def _alpha(lw, alpha, neg=False):
-    "torch's `alpha`: converted to the result's dtype first (bf16 rounds it), negated for `sub`"
-    dt = lw.op.dtype
-    if dt in (torch.bfloat16, torch.float16) or neg:
+    "torch's `alpha`: converted to the common dtype first (bf16 rounds it), negated for `sub`"
+    dt = lw.op.ctype
+    if dt in _reduced or neg:
         alpha = lw.prim('cast', alpha, dtype=dt, ctype=torch.float64, kind=lw.kind(alpha))
         if neg: alpha = lw.prim('neg', alpha, dtype=dt, ctype=opmath(dt))
     return alpha
 
 @rewrite('add', '__add__', '__radd__', '__iadd__')
 def _add(lw, a, b, alpha=Const(1)):
+    a,b = _as_common(lw, a),_as_common(lw, b)
     if _is_one(alpha): return lw.prim('add', a, b)
     return lw.prim('fma', b, _alpha(lw, alpha), a)
 
 @rewrite('sub', '__sub__', '__isub__')
 def _sub(lw, a, b, alpha=Const(1)):
+    a,b = _as_common(lw, a),_as_common(lw, b)
     if _is_one(alpha): return lw.prim('sub', a, b)
     return lw.prim('fma', b, _alpha(lw, alpha, neg=True), a)
 
 @rewrite('__rsub__')
-def _rsub(lw, a, b): return lw.prim('sub', b, a)
+def _rsub(lw, a, b): return lw.prim('sub', _as_common(lw, b), _as_common(lw, a))
 
 @rewrite('mul', '__mul__', '__rmul__', '__imul__')
 def _mul(lw, a, b): return lw.prim('mul', a, b)
@@ -157,15 +167,23 @@ def _addcdiv(lw, a, x, y, value=Const(1)):
 @rewrite('lerp')
 def _lerp(lw, a, b, w): return lw.prim('lerp', a, b, w)
 
-_pow_consts = {2: lambda lw, x: lw.prim('mul', x, x), 0.5: lambda lw, x: lw.prim('sqrt', x),
-               3: lambda lw, x: lw.prim('mul', lw.prim('mul', x, x), x), -0.5: lambda lw, x: lw.prim('rsqrt', x),
-               -1: lambda lw, x: lw.prim('reciprocal', x), -2: lambda lw, x: lw.prim('reciprocal', lw.prim('mul', x, x)),
-               1: lambda lw, x: lw.prim('cast', x)}
+def _cube(lw, x):
+    "torch's bf16 kernel rounds `x*x` to bf16 before the second multiplication (its fp16 kernel does not)"
+    xx = lw.prim('mul', x, x)
+    if lw.op.ctype is torch.bfloat16: xx = lw.prim('cast', xx, dtype=torch.bfloat16)
+    return lw.prim('mul', xx, x)
+
+_pow_consts = {2: lambda lw, x: lw.prim('mul', x, x), 0.5: lambda lw, x: lw.prim('sqrt', x), 3: _cube,
+               -0.5: lambda lw, x: lw.prim('rsqrt', x), -1: lambda lw, x: lw.prim('reciprocal', x),
+               -2: lambda lw, x: lw.prim('reciprocal', lw.prim('mul', x, x)), 1: lambda lw, x: lw.prim('cast', x)}
 
 @rewrite('pow', '__pow__', '__ipow__')
 def _pow(lw, x, e):
+    "torch special-cases some exponents (`x*x` for 2); other scalar exponents are converted to the common dtype first"
     if isinstance(e, Const) and isinstance(e.value, (int, float)) and e.value in _pow_consts: return _pow_consts[e.value](lw, x)
-    return lw.prim('powscalar' if lw.kind(e) == SCALAR and not isinstance(x, Const) else 'pow', x, e)
+    if lw.kind(e) == ELEM or isinstance(x, (Const, Slot)): return lw.prim('pow', x, e)
+    er = lw.prim('cast', e, dtype=lw.op.ctype, ctype=torch.float64, kind=lw.kind(e)) if lw.op.ctype in _reduced else e
+    return lw.prim('powscalar', x, e, er)
 
 @rewrite('__rpow__')
 def _rpow(lw, x, b): return lw.prim('pow', b, x)

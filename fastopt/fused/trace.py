@@ -65,7 +65,7 @@ def _values(a):
     if isinstance(a, dict): return {k: _values(v) for k,v in a.items()}
     return a
 
-# %% ../../nbs/10b_fused.trace.ipynb #3992ff98
+# %% ../../nbs/10b_fused.trace.ipynb #ffb574c8
 class _Tracer:
     "Records the tensor ops a callback chain does on `_Node`s as the `Op`s of a `Graph`"
     def __init__(self):
@@ -154,10 +154,11 @@ class _Tracer:
     def _ctype(self, b, func, vals, kvals, out, writes):
         "The dtype torch computes `b` in (before the result is cast to the output's dtype)"
         try:
-            if b in _COMPARISONS: return torch.result_type(*vals[:2])
-            if writes and b not in ('copy', 'zero', 'fill'):
-                f = getattr(torch, b, None) or getattr(Tensor, b.replace('__i', '__', 1))  # `x += y`: `x + y`
-                with torch._C.DisableTorchFunctionSubclass(): return f(*vals, **kvals).dtype
+            with torch._C.DisableTorchFunctionSubclass():
+                if b in _COMPARISONS: return torch.result_type(*vals[:2])
+                if writes and b not in ('copy', 'zero', 'fill'):
+                    f = getattr(torch, b, None) or getattr(Tensor, b.replace('__i', '__', 1))  # `x += y`: `x + y`
+                    return f(*vals, **kvals).dtype
         except Exception: pass
         return out.dtype
 
