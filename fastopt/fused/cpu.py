@@ -15,8 +15,8 @@ from .lower import Plan, PRIMITIVES, REDUCE_PRIMS, opmath
 from .trace import Untraceable
 
 # %% auto #0
-__all__ = ['cpp_ops', 'CHUNK', 'cxx_flags', 'compiles', 'cpp_source', 'find_cxx', 'cache_dir', 'CompileError', 'build',
-           'CpuKernel', 'ulps']
+__all__ = ['cpp_ops', 'CHUNK', 'cxx_flags', 'compiles', 'say_after', 'cpp_source', 'find_cxx', 'cache_dir', 'CompileError',
+           'build', 'CpuKernel', 'ulps']
 
 # %% ../../nbs/10d_fused.cpu.ipynb #8e89bcc0
 _CT = {torch.float32: 'float', torch.float64: 'double', torch.bfloat16: 'float', torch.float16: 'float', torch.bool: 'bool'}
@@ -223,7 +223,7 @@ def cpp_source(plan:Plan) -> str:
         '    }', '    }', '}', '']
     return '\n'.join(src)
 
-# %% ../../nbs/10d_fused.cpu.ipynb #c3fda98c
+# %% ../../nbs/10d_fused.cpu.ipynb #5c0c04ca
 cxx_flags = ['-O3', '-march=native', '-fopenmp', '-fno-math-errno', '-fno-trapping-math', '-ffp-contract=off', '-fPIC',
              '-shared', '-std=c++17', '-w']
 
@@ -253,7 +253,8 @@ class CompileError(RuntimeError):
     "The C++ kernel could not be built (no compiler, or the compiler failed)"
 
 _lock = threading.Lock()
-compiles = 0  # kernels this process compiled (not loaded from the cache)
+compiles = 0      # kernels this process compiled (not loaded from the cache)
+say_after = 1.0   # seconds a compile may take before it says so
 
 def _say_slow(what):
     print(f"fastopt: compiling the fused step of {what} (C++, first time on this machine; kept in {cache_dir()})", file=sys.stderr, flush=True)
@@ -270,7 +271,7 @@ def build(source:str, what:str='a callback chain') -> Path:
     with _lock:
         if out.exists(): return out
         d.mkdir(parents=True, exist_ok=True)
-        timer = threading.Timer(1.0, _say_slow, (what,)); timer.daemon = True; timer.start()
+        timer = threading.Timer(say_after, _say_slow, (what,)); timer.daemon = True; timer.start()
         try:
             with tempfile.TemporaryDirectory(dir=d) as tmp:
                 src = Path(tmp)/'k.cpp'; src.write_text(source)

@@ -118,7 +118,7 @@ class _Run:
     __slots__ = ('idx', 'st0')
     def __init__(self, idx, st0): self.idx,self.st0 = idx,st0
 
-# %% ../../nbs/10f_fused.engine.ipynb #1953c4c9
+# %% ../../nbs/10f_fused.engine.ipynb #957d81ed
 class _Cache:
     "What a bucket's parameters, gradients and state were checked to be at the last step"
     def __init__(self, states, keys, grads, gptrs, tensors):
@@ -237,7 +237,7 @@ class FusedEngine:
         eager,runs,keys,ptrs = [],defaultdict(list),{},defaultdict(list)
         for i,(p,g,st) in enumerate(zip(b.p, grads, states)):
             if g is None: continue
-            k = _state_keys(p, st) if st else None
+            k = _state_keys(p, st) if st is not None else None
             if k is None or g.dtype != p.dtype or g.layout != torch.strided or g.device != p.device or g.stride() != p.stride():
                 eager.append(i); continue
             ek,tk,pk = keys[i] = k
