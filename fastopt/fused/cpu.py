@@ -90,7 +90,7 @@ template <class T> static inline T fo_powscalar(T x, double e, T r) {
     return std::pow(x, r); }
 '''
 
-# %% ../../nbs/10d_fused.cpu.ipynb #a385cb02
+# %% ../../nbs/10d_fused.cpu.ipynb #34259999
 def _literal(v, ct):
     if isinstance(v, bool): return 'true' if v else 'false'
     if isinstance(v, (int, float)):
@@ -113,7 +113,7 @@ class _Names:
         if isinstance(a, Const): return _literal(a.value, ct)
         raise Untraceable(f"an argument {a!r} in the C++ kernel")
 
-_arg_types = {'powscalar': (None, 'double', None)}  # operands not converted to the compute type (the exponent is compared as given)
+_arg_types = {'powscalar': (None, 'double', None), 'where': ('bool',)}  # the exponent compared as given, the condition a bool
 
 def _statement(op, names) -> str:
     "`const <type> v{out} = <op>;`"
@@ -283,7 +283,7 @@ def build(source:str, what:str='a callback chain') -> Path:
         finally: timer.cancel()
     return out
 
-# %% ../../nbs/10d_fused.cpu.ipynb #a6a046aa
+# %% ../../nbs/10d_fused.cpu.ipynb #789a45d0
 class CpuKernel:
     "A compiled `Plan` for CPU tensors: `kernel(tables, numel, scalars)` steps every tensor of the tables in place"
     device = 'cpu'
@@ -296,7 +296,7 @@ class CpuKernel:
         self.fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
         self._lib = lib
 
-    def __call__(self, tables, numel, scalars, nthreads=None):
+    def __call__(self, tables, numel, scalars, nthreads=None, device=None):
         n = len(numel)
         if len(tables) != len(self.plan.buffers) or any(len(t) != n for t in tables):
             raise ValueError(f"the kernel takes {len(self.plan.buffers)} tables of {n} pointers")

@@ -118,7 +118,7 @@ class _Run:
     __slots__ = ('idx', 'st0')
     def __init__(self, idx, st0): self.idx,self.st0 = idx,st0
 
-# %% ../../nbs/10f_fused.engine.ipynb #957d81ed
+# %% ../../nbs/10f_fused.engine.ipynb #2cac500c
 class _Cache:
     "What a bucket's parameters, gradients and state were checked to be at the last step"
     def __init__(self, states, keys, grads, gptrs, tensors):
@@ -291,7 +291,7 @@ class FusedEngine:
         tables = self._tables(b, kern, r, grads, states, ek, tk)
         if tables is None: return False
         numel = b.numel if r.idx is None else array('q', [b.numel[i] for i in r.idx])
-        try: kern(tables, numel, traced.scalars)
+        try: kern(tables, numel, traced.scalars, device=b.device)
         except Exception as e: self._fail(f"the kernel refused to run: {type(e).__name__}: {e}"); return False
         if traced.state:
             for st in (states if r.idx is None else [states[i] for i in r.idx]): st.update(traced.state)
