@@ -127,10 +127,53 @@ def check_fsdp2(rank, world, res):
     res['fsdp_mp_param_dtype'] = str(m[0].weight.dtype)
     res['fsdp_mp_rel_err'] = ((flat(m) - ref).norm() / (ref - p0).norm()).item()
 
+def fused_opt(mk):
+    "`mk`'s optimizer on the fused engine"
+    def f(ps):
+        o = mk(ps); o.engine = 'fused'
+        return o
+    return f
+
+def engine_facts(opt):
+    "What the fused engine did: its fallback reason, and how many parameters it stepped with kernels (sharded or not)"
+    lay = opt.engine._layouts.get(opt)
+    buckets = [b for bs in lay.buckets for b in bs] if lay else []
+    return dict(failed=opt.engine.failed, bucketed=sum(len(b.params) for b in buckets), sharded=all(b.sharded for b in buckets),
+                loose=sum(len(l) for l in lay.loose) if lay else None, **opt.engine.stepped)
+
+def check_fused(rank, world, res):
+    "The fused engine under DDP (gradients as views of DDP's buckets) and FSDP2 (DTensor shards), against one eager process"
+    import warnings
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.distributed.fsdp import fully_shard
+    for name, mk in OPTS.items():
+        try:
+            m = DDP(make_model(), gradient_as_bucket_view=True)
+            opt = fused_opt(mk)(m.parameters())
+            train(m, opt, batches(), rank, world)
+            m(torch.randn(2, 6)).sum().backward()   # one more backward: the gradients are views of DDP's bucket
+            g = [p.grad for p in m.parameters()]
+            res[f'fused_ddp_{name}_bucket_views'] = all(x._base is not None for x in g) and len({x.untyped_storage().data_ptr() for x in g}) == 1
+            res[f'fused_ddp_{name}_maxdiff'] = (flat(m.module) - reference(mk)).abs().max().item()
+            res[f'fused_ddp_{name}_engine'] = engine_facts(opt)
+        except Exception as e: res[f'fused_ddp_{name}_error'] = ''.join(traceback.format_exception(e))[-2000:]
+        try:
+            m = make_model()
+            for layer in (m[0], m[2]): fully_shard(layer)
+            fully_shard(m)
+            opt = fused_opt(mk)(m.parameters())
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter('always')
+                train(m, opt, batches(), rank, world)
+            res[f'fused_fsdp_{name}_warnings'] = [str(x.message) for x in w if 'fused engine' in str(x.message)]
+            res[f'fused_fsdp_{name}_maxdiff'] = (flat(m) - reference(mk)).abs().max().item()
+            res[f'fused_fsdp_{name}_engine'] = engine_facts(opt)
+        except Exception as e: res[f'fused_fsdp_{name}_error'] = ''.join(traceback.format_exception(e))[-2000:]
+
 if __name__ == '__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('--out', required=True)
-    ap.add_argument('--only', default='ddp,zero,fsdp2')
+    ap.add_argument('--only', default='ddp,zero,fsdp2,fused')
     args = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group('gloo', timeout=timedelta(seconds=120))  # torchrun's env://
@@ -138,7 +181,7 @@ if __name__ == '__main__':
     res = {'rank': rank, 'world': world}
     todo = args.only.split(',')
     for name, f in [('ddp', lambda: check_ddp(rank, world, res)), ('zero', lambda: check_zero(rank, world, res, args.out)),
-                    ('fsdp2', lambda: check_fsdp2(rank, world, res))]:
+                    ('fsdp2', lambda: check_fsdp2(rank, world, res)), ('fused', lambda: check_fused(rank, world, res))]:
         if name in todo:
             try: f()
             except Exception as e: res[f'{name}_error'] = ''.join(traceback.format_exception(e))[-3000:]

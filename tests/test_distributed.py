@@ -101,6 +101,33 @@ def test_fsdp2_bf16_kahan_and_mixed_precision_policy(checks):
         assert r['fsdp_mp_param_dtype'] == 'torch.float32'  # sharded fp32 params are the master copy
         assert r['fsdp_mp_rel_err'] < 0.05, r
 
+@pytest.mark.parametrize('name', ['Adam', 'SGD', 'Lamb'])
+def test_fused_ddp_bucket_views(checks, name):
+    "The fused engine under DDP with `gradient_as_bucket_view=True`: gradients stay DDP's bucket views, every step after the first is fused, == 1 process"
+    no_error(checks, 'fused_ddp')
+    for r in checks:
+        e = r[f'fused_ddp_{name}_engine']
+        assert r[f'fused_ddp_{name}_bucket_views'] and e['failed'] is None and e['loose'] == 0
+        assert e['fused'] == 4 * 4 and e['eager'] == 4, e   # 5 steps of 4 parameters: the first creates the state
+        assert r[f'fused_ddp_{name}_maxdiff'] < 1e-6, r
+
+@pytest.mark.parametrize('name', ['Adam', 'SGD'])
+def test_fused_fsdp2_local_shards(checks, name):
+    "The fused engine under FSDP2 (`fully_shard`, DTensor parameters): the kernels step each rank's local shards, == 1 process"
+    no_error(checks, 'fused_fsdp')
+    for r in checks:
+        e = r[f'fused_fsdp_{name}_engine']
+        assert e['failed'] is None and e['sharded'] and e['loose'] == 0 and not r[f'fused_fsdp_{name}_warnings']
+        assert e['fused'] == 4 * 4 and e['eager'] == 4, e
+        assert r[f'fused_fsdp_{name}_maxdiff'] < 1e-6, r
+
+def test_fused_fsdp2_reduction_steps_eagerly(checks):
+    "LAMB's per-tensor norms of a sharded tensor would need the other ranks' shards: those steps run eagerly (exact), with one warning"
+    for r in checks:
+        e, w = r['fused_fsdp_Lamb_engine'], r['fused_fsdp_Lamb_warnings']
+        assert len(w) == 1 and 'sharded' in w[0] and e['fused'] == 0
+        assert r['fused_fsdp_Lamb_maxdiff'] < 1e-6, r
+
 def test_fastai_learner_distributed(tmp_path):
     "A fastai Learner with fastopt.Adam under `learn.distrib_ctx()` (Accelerate, gloo) == 1 process on the joint batches"
     pytest.importorskip('accelerate')

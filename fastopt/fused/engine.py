@@ -118,7 +118,7 @@ class _Run:
     __slots__ = ('idx', 'st0')
     def __init__(self, idx, st0): self.idx,self.st0 = idx,st0
 
-# %% ../../nbs/10f_fused.engine.ipynb #2cac500c
+# %% ../../nbs/10f_fused.engine.ipynb #f3de5d24
 class _Cache:
     "What a bucket's parameters, gradients and state were checked to be at the last step"
     def __init__(self, states, keys, grads, gptrs, tensors):
@@ -139,6 +139,7 @@ class FusedEngine:
     def __init__(self):
         self._layouts = weakref.WeakKeyDictionary()
         self.failed = None   # why this optimizer's chain cannot be fused, once known: it then steps eagerly
+        self.stepped = {'fused': 0, 'eager': 0}   # parameter-steps taken by the kernels and by the eager callbacks
         self._said = set()
 
     def __reduce__(self): return (type(self), ())  # a copy (`deepcopy`, pickle) starts afresh
@@ -154,13 +155,16 @@ class FusedEngine:
         self._say(f"falling back to the eager engine for this optimizer: {reason}")
 
     def step(self, opt):
-        if self.failed is not None: return EagerEngine.step(self, opt)
+        if self.failed is not None:
+            self.stepped['eager'] += sum(p.grad is not None for g in opt.param_groups for p in g['params'])
+            return EagerEngine.step(self, opt)
         lay = self._layout(opt)
         for group,buckets,loose in zip(opt.param_groups, lay.buckets, lay.loose):
             hyper = dict(Hypers(group))
             eager = [p for p in loose if p.grad is not None]
             for b in buckets: eager += self._step_bucket(opt, b, hyper)
             if eager: _eager(opt, hyper, eager)
+            self.stepped['eager'] += len(eager)
 
     def _layout(self, opt) -> _Layout:
         gsig = [list(map(id, g['params'])) for g in opt.param_groups]
@@ -295,6 +299,7 @@ class FusedEngine:
         except Exception as e: self._fail(f"the kernel refused to run: {type(e).__name__}: {e}"); return False
         if traced.state:
             for st in (states if r.idx is None else [states[i] for i in r.idx]): st.update(traced.state)
+        self.stepped['fused'] += len(numel)
         return True
 
 engines['fused'] = FusedEngine
