@@ -2,7 +2,8 @@
 import sys, torch, fastopt
 from array import array
 from fastopt.fused.trace import trace_chain
-from fastopt.fused.lower import lower, plan
+from fastopt.fused.lower import lower
+from fastopt.fused.passes import plan
 from fastopt.fused.cuda import CudaKernel
 from fastopt.fused.cpu import CpuKernel, ulps
 

@@ -7,7 +7,8 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 import fastopt
 from fastopt import Optimizer, Adam, KahanAdamW, AdamWKahan
 from fastopt.fused.cpu import ulps
-from fastopt.fused.lower import lower, plan, rewrites
+from fastopt.fused.lower import lower, rewrites
+from fastopt.fused.passes import plan
 from fastopt.fused.trace import trace_chain, ELEMENTWISE, REDUCTIONS, CREATORS
 
 torch.set_num_threads(1)
@@ -78,7 +79,16 @@ def test_full_precision_ops(name, dtype):
     a,before = run_op(OPS[name], dtype, 'fused'); b,_ = run_op(OPS[name], dtype, 'eager')
     if name in REDUCE: torch.testing.assert_close(a, b, atol=0, rtol=1e-5 if dtype == torch.float32 else 1e-12)
     elif name in TRANSCENDENTAL or name in ('sqrt', 'rsqrt'): assert ulps(a, b).max() <= 2, ulps(a, b).max()
+    elif name == 'div_s': assert ulps(a, b).max() <= 1   # a multiplication by the reciprocal (`passes.exact_division`)
     else: assert torch.equal(a, b), (ulps(a, b).max(), int((a != b).sum()))
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_exact_division(dtype, monkeypatch):
+    "With `exact_division`, a division by a per-step value is torch's IEEE division, bit for bit"
+    from fastopt.fused import passes
+    monkeypatch.setattr(passes, 'exact_division', True)
+    a,_ = run_op(OPS['div_s'], dtype, 'fused'); b,_ = run_op(OPS['div_s'], dtype, 'eager')
+    assert torch.equal(a, b)
 
 def test_vector_tail():
     """torch's vector kernel for `add(a, b, alpha)` uses an fma, and its scalar loop for the last elements of a range
