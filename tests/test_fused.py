@@ -26,6 +26,7 @@ OPTS = {
     'lars':    lambda ps, h: Larc(ps, lr=h['lr'], mom=h['mom'], wd=h['wd'], clip=False),
     'lamb':    lambda ps, h: Lamb(ps, lr=h['lr'], mom=h['mom'], sqr_mom=h['sqr_mom'], wd=h['wd']),
     'ranger':  lambda ps, h: ranger(ps, lr=h['lr'], mom=h['mom'], sqr_mom=h['sqr_mom'], wd=h['wd'], k=2),
+    'guarded': lambda ps, h: GuardedAdam(ps, lr=h['lr'], mom=h['mom'], sqr_mom=h['sqr_mom'], wd=h['wd'], v_floor_mom=0.9),  # per-tensor state
 }
 
 def make_param(kind, shape, dtype, gen):

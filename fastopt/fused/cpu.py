@@ -124,7 +124,7 @@ def _statement(op, names) -> str:
     if op.name in ('eq', 'ne', 'lt', 'le', 'gt', 'ge', 'and', 'or', 'xor', 'not'): return f"const bool v{op.out} = {expr};"
     return f"const {_ct(op.dtype)} v{op.out} = {_rounded(expr, op.dtype, op.ctype)};"
 
-# %% ../../nbs/10e_fused.cpu.ipynb #94c42d30
+# %% ../../nbs/10e_fused.cpu.ipynb #000cba8e
 CHUNK = 2048  # elements a reduction adds up before its sum is stored: fixed, so the result does not depend on the threads
 
 def cpp_source(plan:Plan) -> str:
@@ -171,8 +171,10 @@ def cpp_source(plan:Plan) -> str:
             '        const int64_t s = std::max(lo, off[i]) - off[i], e = std::min(hi, off[i + 1]) - off[i];',
             '        if (s >= e) continue;', *ind(tensor_in + pre, 8), *ind(ptrs(p), 8),
             '        #pragma omp simd', '        for (int64_t j = s; j < e; j++) {', *ind(body(p), 12), '        }',
-            *(['        if (s == 0) {', *ind(t_stores, 12), '        }'] if t_stores else []),
-            '    }', '    }', '}', '']
+            '    }',
+            # per-tensor state is written once every thread has read it: a second loop, after a barrier
+            *(['    #pragma omp barrier', '    #pragma omp for', '    for (int64_t i = 0; i < n; i++) {', *ind(tensor_in + pre + t_stores, 8), '    }'] if t_stores else []),
+            '    }', '}', '']
         return '\n'.join(src)
     p1,p2 = plan.passes
     accs = ', '.join(f'a{k}' for k in range(nred))
@@ -213,7 +215,7 @@ def cpp_source(plan:Plan) -> str:
         '                if (mx) a = -std::numeric_limits<double>::infinity();',
         '                for (int64_t c = coff[i]; c < coff[i + 1]; c++) a = mx ? fo_max(a, part[(c - c0) * NR + k]) : a + part[(c - c0) * NR + k];',
         '                red[(i - t0) * NR + k] = a; }',
-        *ind(tensor_in + pre + between + t_stores, 12),
+        *ind(tensor_in + pre + between, 12),
         '        }',
         '        for (int64_t c = lo; c < hi; c++) {',
         '            const int64_t i = ct[c], s = (c + c0 - coff[i]) * CH, e = std::min(s + CH, numel[i]);',
@@ -221,6 +223,8 @@ def cpp_source(plan:Plan) -> str:
         '            #pragma omp simd', '            for (int64_t j = s; j < e; j++) {', *ind(body(p2), 16), '            }',
         '        }',
         '        #pragma omp barrier',
+        # per-tensor state is written once both passes have read it
+        *(['        #pragma omp single', '        for (int64_t i = t0; i < t1; i++) {', *ind(tensor_in + pre + between + t_stores, 12), '        }'] if t_stores else []),
         '    }', '    }', '}', '']
     return '\n'.join(src)
 

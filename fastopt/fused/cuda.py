@@ -129,7 +129,7 @@ def fo_fmod(a, b): return a - fo_trunc(fo_div(a, b)) * b
 def fo_hypot(a, b): return fo_sqrt(a * a + b * b)
 '''
 
-# %% ../../nbs/10f_fused.cuda.ipynb #2db401a9
+# %% ../../nbs/10f_fused.cuda.ipynb #d4dd9659
 class _Src:
     "Python (Triton) expressions for the values of a plan"
     def __init__(self, plan): self.types = plan.graph.types()
@@ -200,7 +200,7 @@ def triton_source(plan:Plan) -> str:
         p = plan.passes[0]
         out += ["@triton.jit", f"def fo_one({tabs}, numel, scal, G: tl.constexpr, BLOCK: tl.constexpr):", *head,
                 *ind(tensor_in + pre + ptrs(p) + loop(p), 4)]
-        if t_stores: out += ["    if q == 0:", *ind(t_stores, 8)]
+        out += _tstore(tabs, tensor_in + pre + t_stores, red=False) if t_stores else []
         return '\n'.join(out) + '\n'
     p1,p2 = plan.passes
     out += ["@triton.jit", f"def fo_pass1({tabs}, numel, scal, part, G: tl.constexpr, BLOCK: tl.constexpr):", *head,
@@ -210,12 +210,18 @@ def triton_source(plan:Plan) -> str:
             *[f"    tl.store(part + (t * G + q) * {nred} + {k}, tl.{'sum' if r.name == 'rsum' else 'max'}(a{k}, axis=0))" for k,r in enumerate(p1.reduce)],
             "", "@triton.jit", f"def fo_between({tabs}, numel, scal, part, red, G: tl.constexpr):",
             "    t = tl.program_id(0)", "    n = tl.load(numel + t)", *ind(_add_partials(p1.reduce, nred), 4),
-            *ind(tensor_in + pre + between + t_stores, 4),
+            *ind(tensor_in + pre + between, 4),
             "", "@triton.jit", f"def fo_pass2({tabs}, numel, scal, red, G: tl.constexpr, BLOCK: tl.constexpr):", *head,
             *ind(tensor_in + pre + between + ptrs(p2) + loop(p2), 4)]
+    out += _tstore(tabs, tensor_in + pre + between + t_stores, red=True) if t_stores else []
     return '\n'.join(out) + '\n'
 
-# %% ../../nbs/10f_fused.cuda.ipynb #edcb62d1
+def _tstore(tabs, lines, red):
+    "A last launch that writes the per-tensor state, once every program has read it"
+    return ["", "@triton.jit", f"def fo_tstore({tabs}, numel, scal{', red' if red else ''}):", "    t = tl.program_id(0)",
+            "    n = tl.load(numel + t)", *['    ' + l for l in lines]]
+
+# %% ../../nbs/10f_fused.cuda.ipynb #5f1bfefe
 _mods,_mlock = {},threading.Lock()
 
 def _load(source:str):
@@ -252,6 +258,7 @@ class CudaKernel:
         m = self.mod
         if len(self.plan.passes) == 1:
             m.fo_one[(n, G)](*tabs, scal, G=G, BLOCK=BLOCK)
+            if self.plan.tensor_stores: m.fo_tstore[(n,)](*tabs, scal)
             return
         nred = len(self.plan.reductions)
         part = torch.empty(n * G * nred, dtype=torch.float64, device=dev)
@@ -259,3 +266,4 @@ class CudaKernel:
         m.fo_pass1[(n, G)](*tabs, scal, part, G=G, BLOCK=BLOCK)
         m.fo_between[(n,)](*tabs, scal, part, red, G=G)
         m.fo_pass2[(n, G)](*tabs, scal, red, G=G, BLOCK=BLOCK)
+        if self.plan.tensor_stores: m.fo_tstore[(n,)](*tabs, scal, red)

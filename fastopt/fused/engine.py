@@ -120,7 +120,7 @@ class _Run:
     __slots__ = ('idx', 'st0')
     def __init__(self, idx, st0): self.idx,self.st0 = idx,st0
 
-# %% ../../nbs/10g_fused.engine.ipynb #f9ba3cd7
+# %% ../../nbs/10g_fused.engine.ipynb #752c77a1
 class _Cache:
     "What a bucket's parameters, gradients and state were checked to be at the last step"
     def __init__(self, states, keys, grads, gptrs, tensors):
@@ -270,12 +270,15 @@ class FusedEngine:
         "One array of data pointers per buffer of the kernel, for the run's parameters (None if a buffer is missing)"
         c,idx,tables = b.cache,r.idx,[]
         for buf in kern.plan.buffers:
-            if buf.role == 'param': ptrs = b.parr
-            elif buf.role == 'grad': ptrs = c.gptrs if c is not None else [grads[i].data_ptr() if grads[i] is not None else 0 for i in range(len(grads))]
-            elif buf.key in (ek if buf.kind == 'elem' else tk):
-                ptrs = c.arrays[buf.key] if c is not None else [_local(st[buf.key]).data_ptr() if st else 0 for st in states]
-            else: return None   # a state key the step creates: eager this step, fused from the next
-            tables.append(ptrs if idx is None and isinstance(ptrs, array) else array('q', ptrs if idx is None else [ptrs[i] for i in idx]))
+            if buf.role == 'state' and buf.key not in (ek if buf.kind == 'elem' else tk): return None   # a key the step creates: eager this step
+            if c is not None:   # checked pointers, all parameters
+                ptrs = b.parr if buf.role == 'param' else c.gptrs if buf.role == 'grad' else c.arrays[buf.key]
+                tables.append(ptrs if idx is None else array('q', [ptrs[i] for i in idx]))
+            else:
+                ids = range(len(b.params)) if idx is None else idx
+                if buf.role == 'param': tables.append(array('q', [b.pptrs[i] for i in ids]))
+                elif buf.role == 'grad': tables.append(array('q', [grads[i].data_ptr() for i in ids]))
+                else: tables.append(array('q', [_local(states[i][buf.key]).data_ptr() for i in ids]))
         return tables
 
     def _run(self, opt, b, r, hyper, grads, states) -> bool:
