@@ -64,7 +64,7 @@ def run_both(opt_name, specs, dtype, h, steps, grad_mask, seed=0, sched=True, de
 
 def assert_same(out, dtype=torch.float32):
     (pe,oe),(pf,of) = out
-    tol = dict(atol=1e-5, rtol=1e-4) if dtype not in (torch.bfloat16, torch.float16) else dict(atol=3e-2, rtol=3e-2)
+    tol = dict(atol=1e-5, rtol=1e-4, equal_nan=True) if dtype not in (torch.bfloat16, torch.float16) else dict(atol=3e-2, rtol=3e-2, equal_nan=True)
     for a,b in zip(pe, pf):
         assert a.dtype == b.dtype and a.shape == b.shape
         torch.testing.assert_close(a.detach(), b.detach(), **tol)
