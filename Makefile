@@ -62,9 +62,10 @@ browser-setup:
 export: $(STAMP)
 	$(BIN)/nbdev-export
 
-# Step time of fastopt's optimizers vs torch's AdamW (fused/foreach/for-loop) and fastai's Adam; writes the docs' table and plot.
+# Step time of fastopt's optimizers (fused engine) vs torch's AdamW (fused/foreach/for-loop), torch-optimi, HeavyBall and
+# fastai's Adam, gradients kept and new every step, in interleaved rounds; writes the docs' tables and plots.
 bench: $(STAMP)
-	OMP_NUM_THREADS=2 $(PY) -m fastopt.bench --shapes resnet50 --compile-times --memory --learner --md nbs/images/bench_resnet50.md --png nbs/images/bench_resnet50.png
+	OMP_NUM_THREADS=2 $(PY) -m fastopt.bench --shapes resnet50 --zoo --compile-times --memory --learner --md nbs/images/bench_resnet50.md --png nbs/images/bench_resnet50.png
 	OMP_NUM_THREADS=2 $(PY) -m fastopt.bench --shapes many-small --opts adam,sgd,lamb --md nbs/images/bench_many_small.md --png nbs/images/bench_many_small.png
 
 soak: $(STAMP)

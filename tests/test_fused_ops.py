@@ -172,3 +172,11 @@ def test_kahan_survives_fusion(make, seed):
     eager = rel_err(train_mlp(make, torch.bfloat16, 'eager', seed=seed), ref, seed)
     fused = rel_err(train_mlp(make, torch.bfloat16, 'fused', seed=seed), ref, seed)
     assert plain > 0.1 and fused < 0.02 and fused < 1.5 * eager + 1e-3, dict(plain=plain, eager=eager, fused=fused)
+
+def test_backends_know_every_primitive():
+    "Each backend has an expression for every primitive but the reductions (which the kernels' loops do)"
+    from fastopt.fused.lower import PRIMITIVES, REDUCE_PRIMS
+    from fastopt.fused.cpu import cpp_ops
+    from fastopt.fused.cuda import triton_ops
+    assert set(cpp_ops) == set(PRIMITIVES) - REDUCE_PRIMS
+    assert set(triton_ops) == set(PRIMITIVES) - REDUCE_PRIMS

@@ -228,7 +228,7 @@ def cpp_source(plan:Plan) -> str:
         '    }', '    }', '}', '']
     return '\n'.join(src)
 
-# %% ../../nbs/10e_fused.cpu.ipynb #ec6c78ef
+# %% ../../nbs/10e_fused.cpu.ipynb #727f35b8
 cxx_flags = ['-O3', '-march=native', '-fopenmp', '-fno-math-errno', '-fno-trapping-math', '-ffp-contract=off', '-fPIC',
              '-shared', '-std=c++17', '-w']
 
@@ -249,7 +249,8 @@ def _machine() -> str:
         cxx = find_cxx()
         try: ver = subprocess.run([cxx, '--version'], capture_output=True, text=True, timeout=30).stdout
         except Exception: ver = ''
-        try: flags = next((l for l in open('/proc/cpuinfo') if l.startswith(('flags', 'Features'))), '')
+        try:
+            with open('/proc/cpuinfo') as f: flags = next((l for l in f if l.startswith(('flags', 'Features'))), '')
         except OSError: flags = ''
         _machine_id = f"{cxx}\n{ver}\n{platform.machine()}\n{flags}"
     return _machine_id
@@ -288,7 +289,7 @@ def build(source:str, what:str='a callback chain') -> Path:
         finally: timer.cancel()
     return out
 
-# %% ../../nbs/10e_fused.cpu.ipynb #51c4f110
+# %% ../../nbs/10e_fused.cpu.ipynb #b64562b8
 class CpuKernel:
     "A compiled `Plan` for CPU tensors: `kernel(tables, numel, scalars)` steps every tensor of the tables in place"
     device = 'cpu'
@@ -312,7 +313,7 @@ class CpuKernel:
         self.fn(n, bufs.buffer_info()[0], numel.buffer_info()[0], scal.buffer_info()[0],
                 nthreads or torch.get_num_threads(), self.group_elems)
 
-# %% ../../nbs/10e_fused.cpu.ipynb #d040405d
+# %% ../../nbs/10e_fused.cpu.ipynb #3ad7cf31
 _digits = {torch.float32: (24, -125), torch.float64: (53, -1021), torch.bfloat16: (8, -125), torch.float16: (11, -13)}
 
 def ulps(a:torch.Tensor, b:torch.Tensor, scale=None) -> torch.Tensor:

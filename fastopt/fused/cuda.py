@@ -221,7 +221,7 @@ def _tstore(tabs, lines, red):
     return ["", "@triton.jit", f"def fo_tstore({tabs}, numel, scal{', red' if red else ''}):", "    t = tl.program_id(0)",
             "    n = tl.load(numel + t)", *['    ' + l for l in lines]]
 
-# %% ../../nbs/10f_fused.cuda.ipynb #5f1bfefe
+# %% ../../nbs/10f_fused.cuda.ipynb #4a1296bb
 _mods,_mlock = {},threading.Lock()
 
 def _load(source:str):

@@ -120,7 +120,7 @@ class _Run:
     __slots__ = ('idx', 'st0')
     def __init__(self, idx, st0): self.idx,self.st0 = idx,st0
 
-# %% ../../nbs/10g_fused.engine.ipynb #752c77a1
+# %% ../../nbs/10g_fused.engine.ipynb #0b9fcc93
 class _Cache:
     "What a bucket's parameters, gradients and state were checked to be at the last step"
     def __init__(self, states, keys, grads, gptrs, tensors):
@@ -309,11 +309,11 @@ class FusedEngine:
 
 engines['fused'] = FusedEngine
 
-# %% ../../nbs/10g_fused.engine.ipynb #5f602b45
+# %% ../../nbs/10g_fused.engine.ipynb #efaff739
 class AutoEngine:
     "The fused engine for optimizers with at least `min_numel` parameter elements, the eager engine below"
     name = 'auto'
-    min_numel = 1_000_000
+    min_numel = 100_000
     def __init__(self): self.fused,self.eager,self._n = FusedEngine(),EagerEngine(),(None, 0)
     @property
     def failed(self): return self.fused.failed

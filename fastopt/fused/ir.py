@@ -20,7 +20,7 @@ def widest(kinds) -> str:
     "The kind of an op on operands of `kinds`: an element-wise op of an `ELEM` value is `ELEM`, and so on"
     return max(kinds, key=_rank.__getitem__, default=SCALAR)
 
-# %% ../../nbs/10a_fused.ir.ipynb #d0f3ad79
+# %% ../../nbs/10a_fused.ir.ipynb #5df34421
 class Ref(NamedTuple):
     "An argument that is the value `id` of the graph"
     id: int
@@ -44,7 +44,7 @@ def refs(args) -> list:
         elif type(a) is tuple: res += refs(a)
     return res
 
-# %% ../../nbs/10a_fused.ir.ipynb #ebd1ee75
+# %% ../../nbs/10a_fused.ir.ipynb #31ed6c73
 class Input(NamedTuple):
     "A value the kernel reads: the parameter, its gradient, a state tensor (`key`), or the parameter's element count"
     id: int
@@ -76,7 +76,7 @@ class Output(NamedTuple):
     key: str|None
     id: int
 
-# %% ../../nbs/10a_fused.ir.ipynb #49d4546e
+# %% ../../nbs/10a_fused.ir.ipynb #8474e05f
 class Graph(NamedTuple):
     "A traced chain: the values it reads, the ops, the values it writes back, and the length of its scalar vector"
     inputs: tuple

@@ -45,7 +45,7 @@ def opmath(dt):
     "The dtype torch computes `dt` in: fp32 for bf16 and fp16"
     return torch.float32 if dt in (torch.bfloat16, torch.float16) else dt
 
-# %% ../../nbs/10c_fused.lower.ipynb #d12a3f74
+# %% ../../nbs/10c_fused.lower.ipynb #2a073110
 class Lowering:
     "Rewrites the ops of a traced graph into primitives, one op at a time (`lw.op` is the op being rewritten)"
     def __init__(self, graph:Graph):
@@ -110,7 +110,7 @@ def lower(graph:Graph) -> Graph:
     "`graph` with its torch ops rewritten as primitives (`Untraceable` for an op with no rewrite)"
     return Lowering(graph).run()
 
-# %% ../../nbs/10c_fused.lower.ipynb #f745c529
+# %% ../../nbs/10c_fused.lower.ipynb #16fc6b69
 def _is_one(a): return isinstance(a, Const) and a.value == 1 and not isinstance(a.value, bool)
 _reduced = (torch.bfloat16, torch.float16)
 
@@ -205,7 +205,7 @@ def _binary(name, prim=None):
     rewrite(name)(lambda lw, a, b: lw.prim(prim or name, a, b))
 for _n in 'maximum minimum fmax fmin atan2 fmod remainder hypot'.split(): _binary(_n)
 
-# %% ../../nbs/10c_fused.lower.ipynb #cba36aab
+# %% ../../nbs/10c_fused.lower.ipynb #3152ebd6
 _cmp = {'eq': 'eq', 'ne': 'ne', 'lt': 'lt', 'le': 'le', 'gt': 'gt', 'ge': 'ge'}
 for _n,_p in list(_cmp.items()): _cmp[f'__{_n}__'] = _p
 for _n,_p in _cmp.items():
@@ -239,7 +239,7 @@ def _where(lw, c, a, b): return lw.prim('where', lw.truth(c), a, b)
 @rewrite('tensor_where')
 def _twhere(lw, a, c, b): return lw.prim('where', lw.truth(c), a, b)
 
-# %% ../../nbs/10c_fused.lower.ipynb #3008d72e
+# %% ../../nbs/10c_fused.lower.ipynb #5d23cf59
 @rewrite('clamp', 'clip')
 def _clamp(lw, x, min=Const(None), max=Const(None)):
     if isinstance(min, Const) and min.value is None and isinstance(max, Const) and max.value is None:
@@ -283,7 +283,7 @@ def _ones(lw, x, **kwargs): return Const(1)
 @rewrite('fill', 'full_like')
 def _fill(lw, x, v, **kwargs): return v
 
-# %% ../../nbs/10c_fused.lower.ipynb #b40c7b07
+# %% ../../nbs/10c_fused.lower.ipynb #f8659527
 def _acc(lw, x, squares=False):
     f64 = torch.float64
     if squares: x = lw.prim('mul', x, x)

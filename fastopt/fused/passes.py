@@ -33,7 +33,7 @@ def by_reciprocal(g:Graph) -> Graph:
         else: ops.append(o)
     return g._replace(ops=tuple(ops))
 
-# %% ../../nbs/10d_fused.passes.ipynb #b9695d4e
+# %% ../../nbs/10d_fused.passes.ipynb #6d73c5bb
 class Buffer(NamedTuple):
     "A tensor per parameter the kernel reads or writes: the parameter, its gradient, or a state tensor"
     role: str   # 'param', 'grad' or 'state'
@@ -61,7 +61,7 @@ class Plan(NamedTuple):
     @property
     def reductions(self): return tuple(r for p in self.passes for r in p.reduce)
 
-# %% ../../nbs/10d_fused.passes.ipynb #e1cf03d0
+# %% ../../nbs/10d_fused.passes.ipynb #c96bf0ba
 def _order(g:Graph, ids) -> tuple:
     "The ops of `g` whose outputs are in `ids`, in graph order"
     return tuple(o for o in g.ops if o.out in ids)

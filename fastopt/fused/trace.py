@@ -43,7 +43,7 @@ def _base(n):
     "The op an in-place method (`mul_`) is the in-place version of"
     return n[:-1] if n.endswith('_') and not n.endswith('__') else n
 
-# %% ../../nbs/10b_fused.trace.ipynb #c715f06a
+# %% ../../nbs/10b_fused.trace.ipynb #5bcc7060
 _local = threading.local()  # `.tracer`: the tracer recording in this thread, if any
 
 def _current(): return getattr(_local, 'tracer', None)
@@ -65,7 +65,7 @@ def _values(a):
     if isinstance(a, dict): return {k: _values(v) for k,v in a.items()}
     return a
 
-# %% ../../nbs/10b_fused.trace.ipynb #ffb574c8
+# %% ../../nbs/10b_fused.trace.ipynb #599ce9a9
 class _Tracer:
     "Records the tensor ops a callback chain does on `_Node`s as the `Op`s of a `Graph`"
     def __init__(self):
@@ -175,7 +175,7 @@ class _Tracer:
         if g is None: raise Untraceable("`.grad` of a tensor that is not the parameter")
         return g
 
-# %% ../../nbs/10b_fused.trace.ipynb #77f66019
+# %% ../../nbs/10b_fused.trace.ipynb #61083d0b
 class Traced(NamedTuple):
     "A traced chain: its `graph`, the step's `scalars` (the graph's slots), and the Python values of the new `state`"
     graph: Graph
@@ -222,7 +222,7 @@ def trace_chain(cbs, p_dtype, g_dtype, state:dict, hyper:dict, ekeys=None) -> Tr
     per-tensor inputs"""
     return _trace(cbs, p_dtype, g_dtype, state, hyper, ekeys)[0]
 
-# %% ../../nbs/10b_fused.trace.ipynb #6b005443
+# %% ../../nbs/10b_fused.trace.ipynb #763e7198
 class _ScalarProgram:
     "The Python arithmetic a traced chain does on its numeric inputs, to redo without tracing; `guards`: branches taken"
     def __init__(self): self.ops,self.guards,self.n = [],[],0
@@ -284,7 +284,7 @@ for _n in 'add sub mul truediv floordiv mod pow'.split():
 for _n in 'lt le gt ge eq ne'.split(): setattr(_Sym, f'__{_n}__', lambda s, o, f=getattr(operator, _n): s._op(f, s, o))
 for _n in 'neg pos abs'.split(): setattr(_Sym, f'__{_n}__', lambda s, f=getattr(operator, _n): s._op(f, s))
 
-# %% ../../nbs/10b_fused.trace.ipynb #7250dcff
+# %% ../../nbs/10b_fused.trace.ipynb #2eb66de8
 _traces = {}  # structure of a chain's inputs -> its cached traces (or None: trace every step); shared by every optimizer
 
 def _pure(cb):
@@ -336,7 +336,7 @@ def _symbolic(d, prog):
     sym = lambda v: prog.input(v) if _is_num(v) else tuple(map(prog.input, v)) if _is_nums(v) else v
     return {k: sym(v) for k,v in d.items()}
 
-# %% ../../nbs/10b_fused.trace.ipynb #b68f8583
+# %% ../../nbs/10b_fused.trace.ipynb #11e6f22c
 def _same(a, b): return a == b or a != a and b != b  # nan equals nan here
 
 class _CachedTrace:
