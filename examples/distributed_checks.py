@@ -5,7 +5,7 @@ one process on the whole batch. Runs on CPU with gloo (or on GPUs with nccl):
 
 Each rank writes `{out}.{rank}`: a dict of measured differences and facts, which tests/test_distributed.py checks.
 """
-import argparse, os, sys, traceback
+import argparse, traceback
 from datetime import timedelta
 import torch, torch.distributed as dist
 from torch import nn

@@ -4,6 +4,6 @@ Stages, one module each: `ir` (the graph), `trace` (callbacks to a graph), `lowe
 `cpu` and `cuda` (kernels), `engine` (`FusedEngine`, `AutoEngine`)."""
 # Hand-written (nbdev does not generate this file): the names `fastopt` exports from the engine's stages.
 from .trace import Untraceable, trace_chain, trace_cached
-from .engine import FusedEngine, AutoEngine, kernel_for
+from .engine import FusedEngine, AutoEngine
 
 __all__ = ['FusedEngine', 'AutoEngine', 'Untraceable', 'trace_chain', 'trace_cached']

@@ -222,7 +222,7 @@ def trace_chain(cbs, p_dtype, g_dtype, state:dict, hyper:dict, ekeys=None) -> Tr
     per-tensor inputs"""
     return _trace(cbs, p_dtype, g_dtype, state, hyper, ekeys)[0]
 
-# %% ../../nbs/10b_fused.trace.ipynb #763e7198
+# %% ../../nbs/10b_fused.trace.ipynb #20be1caa
 class _ScalarProgram:
     "The Python arithmetic a traced chain does on its numeric inputs, to redo without tracing; `guards`: branches taken"
     def __init__(self): self.ops,self.guards,self.n = [],[],0
@@ -273,6 +273,9 @@ class _Sym:
     def __repr__(self): return self._exact(repr)
     def __format__(self, spec): return self._exact(lambda v: format(v, spec))
     def __round__(self, n=None): return self._exact(lambda v: round(v, n))
+    def _fo_apply(self, f):
+        "`f(self)` as an op of the program (`fastopt.adaptive.num_sqrt`): replayed, not a constant"
+        return self.prog.apply(f, (self,))
     def __trunc__(self): return self._exact(math.trunc)
     def __floor__(self): return self._exact(math.floor)
     def __ceil__(self): return self._exact(math.ceil)
