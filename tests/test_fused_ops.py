@@ -7,6 +7,7 @@ from fastopt import Optimizer, Adam, KahanAdamW, AdamWKahan
 from fastopt.fused.cpu import ulps
 from fastopt.fused.lower import rewrites
 from fastopt.fused.trace import ELEMENTWISE, REDUCTIONS, CREATORS
+from test_precision import mlp_problem, rel_err   # the small regression problem the precision tests use
 
 torch.set_num_threads(1)
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -137,15 +138,6 @@ def test_reduced_precision_chains(chain, dtype, lr, wd, mom, n, steps, seed):
         if isinstance(v, torch.Tensor): assert close(sa[k], v), k
         else: assert sa[k] == v
 
-def mlp_problem(seed):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(256, 16, generator=g); Y = X @ torch.randn(16, 4, generator=g) + 0.1*torch.randn(256, 4, generator=g)
-    w0 = [torch.randn(16, 32, generator=g)*0.3, torch.randn(32, generator=g)*0.1, torch.randn(32, 4, generator=g)*0.2, torch.zeros(4)]
-    def loss(ps):
-        w1,b1,w2,b2 = [p.float() for p in ps]
-        return ((torch.tanh(X@w1 + b1)@w2 + b2 - Y)**2).mean()
-    return w0, loss
-
 def train_mlp(make_opt, dtype, engine, steps=150, seed=0):
     w0, loss = mlp_problem(seed)
     ps = [w.to(dtype).requires_grad_() for w in w0]
@@ -154,10 +146,6 @@ def train_mlp(make_opt, dtype, engine, steps=150, seed=0):
         loss(ps).backward(); opt.step(); opt.zero_grad()
     assert getattr(opt.engine, 'failed', None) is None
     return torch.cat([p.detach().float().flatten() for p in ps])
-
-def rel_err(w, ref, seed):
-    w0 = torch.cat([w.flatten() for w in mlp_problem(seed)[0]])
-    return ((w - ref).norm() / (ref - w0).norm()).item()
 
 @pytest.mark.parametrize('make', [lambda ps: KahanAdamW(ps, lr=1e-3, wd=0.01), lambda ps: AdamWKahan(ps, lr=1e-3, eps=1e-6, wd=0.01)],
                          ids=['KahanAdamW', 'AdamWKahan'])
