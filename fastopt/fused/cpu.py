@@ -123,7 +123,7 @@ def _statement(op, names) -> str:
     if op.name in ('eq', 'ne', 'lt', 'le', 'gt', 'ge', 'and', 'or', 'xor', 'not'): return f"const bool v{op.out} = {expr};"
     return f"const {_ct(op.dtype)} v{op.out} = {_rounded(expr, op.dtype, op.ctype)};"
 
-# %% ../../nbs/10e_fused.cpu.ipynb #000cba8e
+# %% ../../nbs/10e_fused.cpu.ipynb #9159db7f
 CHUNK = 2048  # elements a reduction adds up before its sum is stored: fixed, so the result does not depend on the threads
 
 def cpp_source(plan:Plan) -> str:
@@ -137,20 +137,24 @@ def cpp_source(plan:Plan) -> str:
     tensor_in += [f"const {_ct(types[v][1])} v{v} = {_load(plan.buffers[b].dtype, f'reinterpret_cast<const {_MEM[plan.buffers[b].dtype]}*>(bufs[{b}][i])[0]')};"
                   for v,b in plan.tensor_loads]
     pre = [_statement(o, names) for o in plan.tensor_ops]
-    nred = len(plan.reductions)
-    between = [f"const double v{r.out} = red[(i - t0) * {max(nred,1)} + {k}];" for k,r in enumerate(plan.reductions)]
-    between += [_statement(o, names) for o in plan.between]
+    reds = plan.reductions   # pass 1's, then the last pass's: slot k of each tensor's row in `red`
+    nred = len(reds)
+    slot = {r.out: k for k,r in enumerate(reds)}
+    got = lambda rs: [f"const double v{r.out} = red[(i - t0) * {max(nred, 1)} + {slot[r.out]}];" for r in rs]
+    p1 = plan.passes[0] if len(plan.passes) == 2 else None
+    last = plan.passes[-1]
+    between = got(p1.reduce if p1 else ()) + [_statement(o, names) for o in plan.between]
+    after = got(last.reduce) + [_statement(o, names) for o in plan.after]
     def ptrs(ps):
         used = sorted({b for v,b in ps.loads} | {b for b,v in ps.stores})
         return [f"{'' if any(b == s for s,_ in ps.stores) else 'const '}{_MEM[plan.buffers[b].dtype]}* __restrict P{b} = "
                 f"reinterpret_cast<{_MEM[plan.buffers[b].dtype]}*>(bufs[{b}][i]);" for b in used]
-    def body(ps, acc=False):
+    def body(ps):
         lines = [f"const {_ct(types[v][1])} v{v} = {_load(plan.buffers[b].dtype, f'P{b}[j]')};" for v,b in ps.loads]
         lines += [_statement(o, names) for o in ps.ops]
-        if acc:
-            for k,r in enumerate(ps.reduce):
-                x = names(r.args[0], _ct(types[r.args[0].id][1]) if isinstance(r.args[0], Ref) else 'double')
-                lines.append(f"a{k} += static_cast<double>({x});" if r.name == 'rsum' else f"a{k} = fo_max(a{k}, static_cast<double>({x}));")
+        for r in ps.reduce:   # sums in fp64; a max skips nans and counts them (a nan makes the result nan)
+            k,x = slot[r.out], names(r.args[0], 'double')
+            lines += [f"a{k} += {x};"] if r.name == 'rsum' else [f"a{k} = {x} > a{k} ? {x} : a{k};", f"c{k} += {x} != {x};"]
         lines += [f"P{b}[j] = {_store(plan.buffers[b].dtype, f'v{v}')};" for b,v in ps.stores]
         return lines
     t_stores = [f"reinterpret_cast<{_MEM[plan.buffers[b].dtype]}*>(bufs[{b}][i])[0] = {_store(plan.buffers[b].dtype, f'v{v}')};"
@@ -160,24 +164,38 @@ def cpp_source(plan:Plan) -> str:
             '    std::vector<int64_t> off(n + 1, 0);', '    for (int64_t i = 0; i < n; i++) off[i + 1] = off[i] + numel[i];',
             '    const int64_t N = off[n];', '    if (N == 0) return;',
             '    const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, N / 32768));']
-    if len(plan.passes) == 1:
-        p = plan.passes[0]
+    if not reds:
         src = head + [
             '    #pragma omp parallel num_threads(nt)', '    {',
             '    const int64_t T = omp_get_num_threads(), t = omp_get_thread_num();',
             '    const int64_t lo = t == 0 ? 0 : (N * t / T) & ~int64_t(63), hi = t == T - 1 ? N : (N * (t + 1) / T) & ~int64_t(63);',
             '    for (int64_t i = std::upper_bound(off.begin(), off.end(), lo) - off.begin() - 1; i < n && off[i] < hi; i++) {',
             '        const int64_t s = std::max(lo, off[i]) - off[i], e = std::min(hi, off[i + 1]) - off[i];',
-            '        if (s >= e) continue;', *ind(tensor_in + pre, 8), *ind(ptrs(p), 8),
-            '        #pragma omp simd', '        for (int64_t j = s; j < e; j++) {', *ind(body(p), 12), '        }',
+            '        if (s >= e) continue;', *ind(tensor_in + pre, 8), *ind(ptrs(last), 8),
+            '        #pragma omp simd', '        for (int64_t j = s; j < e; j++) {', *ind(body(last), 12), '        }',
             '    }',
             # per-tensor state is written once every thread has read it: a second loop, after a barrier
             *(['    #pragma omp barrier', '    #pragma omp for', '    for (int64_t i = 0; i < n; i++) {', *ind(tensor_in + pre + t_stores, 8), '    }'] if t_stores else []),
             '    }', '}', '']
         return '\n'.join(src)
-    p1,p2 = plan.passes
-    accs = ', '.join(f'a{k}' for k in range(nred))
-    simd = f'#pragma omp simd reduction(+:{accs})' if all(r.name == 'rsum' for r in p1.reduce) else ''
+    def chunk_pass(ps, known):
+        "One pass over this thread's chunks of the group, each chunk's reductions stored in `part`"
+        acc = [l for r in ps.reduce for l in ([f"double a{slot[r.out]} = 0;"] if r.name == 'rsum' else
+               [f"double a{slot[r.out]} = -std::numeric_limits<double>::infinity();", f"int64_t c{slot[r.out]} = 0;"])]
+        clauses = ' '.join([f"reduction(+:a{slot[r.out]})" for r in ps.reduce if r.name == 'rsum'] +
+                           [f"reduction(max:a{slot[r.out]}) reduction(+:c{slot[r.out]})" for r in ps.reduce if r.name == 'rmax'])
+        keep = [f"part[c * NR + {slot[r.out]}] = " + (f"a{slot[r.out]};" if r.name == 'rsum' else
+                f"c{slot[r.out]} ? std::numeric_limits<double>::quiet_NaN() : a{slot[r.out]};") for r in ps.reduce]
+        return ['        for (int64_t c = lo; c < hi; c++) {',
+                '            const int64_t i = ct[c], s = (c + c0 - coff[i]) * CH, e = std::min(s + CH, numel[i]);',
+                *ind(tensor_in + pre + known + ptrs(ps) + acc, 12),
+                f'            #pragma omp simd {clauses}', '            for (int64_t j = s; j < e; j++) {', *ind(body(ps), 16), '            }',
+                *ind(keep, 12), '        }']
+    def combine(rs):
+        "Each tensor's chunk results of the reductions `rs`, in chunk order, into `red`"
+        return [l for r in rs for l in (f"{{ double a = {'0' if r.name == 'rsum' else '-std::numeric_limits<double>::infinity()'};",
+                f"  for (int64_t c = coff[i]; c < coff[i + 1]; c++) a = {'a + part[(c - c0) * NR + ' + str(slot[r.out]) + ']' if r.name == 'rsum' else 'fo_max(a, part[(c - c0) * NR + ' + str(slot[r.out]) + '])'};",
+                f"  red[(i - t0) * NR + {slot[r.out]}] = a; }}")]
     src = head + [
         f'    const int64_t CH = {CHUNK}, NR = {nred};',
         '    std::vector<int64_t> coff(n + 1, 0);',
@@ -198,36 +216,18 @@ def cpp_source(plan:Plan) -> str:
         '        #pragma omp single',
         '        for (int64_t i = t0; i < t1; i++) for (int64_t c = coff[i]; c < coff[i + 1]; c++) ct[c - c0] = i;',
         '        const int64_t lo = nc * t / T, hi = nc * (t + 1) / T;',
-        '        for (int64_t c = lo; c < hi; c++) {',
-        '            const int64_t i = ct[c], s = (c + c0 - coff[i]) * CH, e = std::min(s + CH, numel[i]);',
-        *ind(tensor_in + pre, 12), *ind(ptrs(p1), 12),
-        *[f'            double a{k} = {"0" if r.name == "rsum" else "-std::numeric_limits<double>::infinity()"};' for k,r in enumerate(p1.reduce)],
-        f'            {simd}', '            for (int64_t j = s; j < e; j++) {', *ind(body(p1, acc=True), 16), '            }',
-        *[f'            part[c * NR + {k}] = a{k};' for k in range(nred)],
-        '        }',
+        *((chunk_pass(p1, []) + ['        #pragma omp barrier', '        #pragma omp single',
+           '        for (int64_t i = t0; i < t1; i++) {  // each tensor: its chunk results in order',
+           *ind(combine(p1.reduce), 12), '        }']) if p1 else []),
+        *chunk_pass(last, between),
         '        #pragma omp barrier',
-        '        #pragma omp single',
-        '        for (int64_t i = t0; i < t1; i++) {  // each tensor: its chunk sums in order, then its per-tensor values',
-        '            for (int64_t k = 0; k < NR; k++) {',
-        '                double a = 0; bool mx = false;',
-        *[f'                if (k == {k}) mx = {"true" if r.name == "rmax" else "false"};' for k,r in enumerate(p1.reduce)],
-        '                if (mx) a = -std::numeric_limits<double>::infinity();',
-        '                for (int64_t c = coff[i]; c < coff[i + 1]; c++) a = mx ? fo_max(a, part[(c - c0) * NR + k]) : a + part[(c - c0) * NR + k];',
-        '                red[(i - t0) * NR + k] = a; }',
-        *ind(tensor_in + pre + between, 12),
-        '        }',
-        '        for (int64_t c = lo; c < hi; c++) {',
-        '            const int64_t i = ct[c], s = (c + c0 - coff[i]) * CH, e = std::min(s + CH, numel[i]);',
-        *ind(tensor_in + pre + between, 12), *ind(ptrs(p2), 12),
-        '            #pragma omp simd', '            for (int64_t j = s; j < e; j++) {', *ind(body(p2), 16), '            }',
-        '        }',
-        '        #pragma omp barrier',
-        # per-tensor state is written once both passes have read it
-        *(['        #pragma omp single', '        for (int64_t i = t0; i < t1; i++) {', *ind(tensor_in + pre + between + t_stores, 12), '        }'] if t_stores else []),
+        # the last pass's reductions, the per-tensor values after it, and the per-tensor state, once every pass has read it
+        *(['        #pragma omp single', '        for (int64_t i = t0; i < t1; i++) {',
+           *ind(combine(last.reduce) + tensor_in + pre + between + after + t_stores, 12), '        }'] if last.reduce or t_stores else []),
         '    }', '    }', '}', '']
     return '\n'.join(src)
 
-# %% ../../nbs/10e_fused.cpu.ipynb #727f35b8
+# %% ../../nbs/10e_fused.cpu.ipynb #80777c0d
 cxx_flags = ['-O3', '-march=native', '-fopenmp', '-fno-math-errno', '-fno-trapping-math', '-ffp-contract=off', '-fPIC',
              '-shared', '-std=c++17', '-w']
 
@@ -288,7 +288,7 @@ def build(source:str, what:str='a callback chain') -> Path:
         finally: timer.cancel()
     return out
 
-# %% ../../nbs/10e_fused.cpu.ipynb #b64562b8
+# %% ../../nbs/10e_fused.cpu.ipynb #afc4aea2
 class CpuKernel:
     "A compiled `Plan` for CPU tensors: `kernel(tables, numel, scalars)` steps every tensor of the tables in place"
     device = 'cpu'
@@ -312,7 +312,7 @@ class CpuKernel:
         self.fn(n, bufs.buffer_info()[0], numel.buffer_info()[0], scal.buffer_info()[0],
                 nthreads or torch.get_num_threads(), self.group_elems)
 
-# %% ../../nbs/10e_fused.cpu.ipynb #3ad7cf31
+# %% ../../nbs/10e_fused.cpu.ipynb #dbdff6ff
 _digits = {torch.float32: (24, -125), torch.float64: (53, -1021), torch.bfloat16: (8, -125), torch.float16: (11, -13)}
 
 def ulps(a:torch.Tensor, b:torch.Tensor, scale=None) -> torch.Tensor:

@@ -128,7 +128,7 @@ def fo_fmod(a, b): return a - fo_trunc(fo_div(a, b)) * b
 def fo_hypot(a, b): return fo_sqrt(a * a + b * b)
 '''
 
-# %% ../../nbs/10f_fused.cuda.ipynb #d4dd9659
+# %% ../../nbs/10f_fused.cuda.ipynb #347a873b
 class _Src:
     "Python (Triton) expressions for the values of a plan"
     def __init__(self, plan): self.types = plan.graph.types()
@@ -155,17 +155,18 @@ class _Src:
         if dt is torch.float16: return f"v{op.out} = ({e}).to(tl.float16).to(tl.float32)"
         return f"v{op.out} = ({e}).to({_tl(dt)})"
 
-def _add_partials(reduce, nred):
-    "Each tensor's `G` partial results, combined in order, into `red`"
+def _add_partials(reduce, slot, nred):
+    "Each tensor's `G` partial results of the reductions `reduce`, combined in order, into `red`"
     lines = []
-    for k,r in enumerate(reduce):
+    for r in reduce:
+        k = slot[r.out]
         at = lambda j: f"tl.load(part + (t * G + {j}) * {nred} + {k})"
         step = f"r{k} + {at('j')}" if r.name == 'rsum' else f"fo_max(r{k}, {at('j')})"
         lines += [f"r{k} = {at(0)}", "for j in range(1, G):", f"    r{k} = {step}", f"tl.store(red + t * {nred} + {k}, r{k})"]
     return lines
 
 def triton_source(plan:Plan) -> str:
-    "The source of the plan's Triton kernels: `fo_one` (one pass), or `fo_pass1`, `fo_between` and `fo_pass2`"
+    "The source of the plan's Triton kernels: `fo_one` (no reductions), or `fo_pass1` and `fo_between` (where the update needs reductions), then `fo_last`; `fo_tstore` writes the per-tensor state"
     src = _Src(plan)
     types = plan.graph.types()
     nb = len(plan.buffers)
@@ -176,51 +177,57 @@ def triton_source(plan:Plan) -> str:
     tensor_in = [f"v{v} = n.to(tl.float64)" for v in numel_ids]
     tensor_in += [f"v{v} = tl.load({ptr(b)}).to({_tl(types[v][1])})" for v,b in plan.tensor_loads]
     pre = [src.stmt(o) for o in plan.scalar_ops + plan.tensor_ops]
-    nred = len(plan.reductions)
-    between = [f"v{r.out} = tl.load(red + t * {max(nred, 1)} + {k})" for k,r in enumerate(plan.reductions)] + [src.stmt(o) for o in plan.between]
+    reds = plan.reductions
+    nred = len(reds)
+    slot = {r.out: k for k,r in enumerate(reds)}
+    got = lambda rs: [f"v{r.out} = tl.load(red + t * {max(nred, 1)} + {slot[r.out]})" for r in rs]
+    p1 = plan.passes[0] if len(plan.passes) == 2 else None
+    last = plan.passes[-1]
+    between = got(p1.reduce if p1 else ()) + [src.stmt(o) for o in plan.between]
+    after = got(last.reduce) + [src.stmt(o) for o in plan.after]
     t_stores = [f"tl.store({ptr(b)}, v{v}.to({_MEMTL[plan.buffers[b].dtype]}))" for b,v in plan.tensor_stores]
-    def loop(ps, acc=False):
+    def loop(ps):
         lines = ["for start in range(q * BLOCK, n, G * BLOCK):", "    offs = start + tl.arange(0, BLOCK)", "    m = offs < n"]
         body = [f"v{v} = tl.load(P{b} + offs, mask=m, other=0).to({_tl(types[v][1])})" for v,b in ps.loads]
         body += [src.stmt(o) for o in ps.ops]
-        if acc:
-            for k,r in enumerate(ps.reduce):
-                x = src.arg(r.args[0], 'tl.float64')
-                body.append(f"a{k} += tl.where(m, {x}, 0.0)" if r.name == 'rsum' else f"a{k} = fo_max(a{k}, tl.where(m, {x}, -float('inf')))")
+        for r in ps.reduce:
+            k,x = slot[r.out], src.arg(r.args[0], 'tl.float64')
+            body.append(f"a{k} += tl.where(m, {x}, 0.0)" if r.name == 'rsum' else f"a{k} = fo_max(a{k}, tl.where(m, {x}, -float('inf')))")
         body += [f"tl.store(P{b} + offs, {f'v{v}' if types[v][0] == ELEM else f'tl.where(m, v{v}, v{v})'}.to({_MEMTL[plan.buffers[b].dtype]}), mask=m)"
                  for b,v in ps.stores]   # a per-tensor value stored per element: broadcast by the mask
         return lines + ind(body, 4)
+    def acc(ps): return [f"a{slot[r.out]} = tl.zeros([BLOCK], tl.float64)" if r.name == 'rsum' else
+                         f"a{slot[r.out]} = tl.full([BLOCK], -float('inf'), tl.float64)" for r in ps.reduce]
+    def keep(ps): return [f"tl.store(part + (t * G + q) * {nred} + {slot[r.out]}, tl.{'sum' if r.name == 'rsum' else 'max'}(a{slot[r.out]}, axis=0))"
+                          for r in ps.reduce]
     def ptrs(ps): return [f"P{b} = {ptr(b)}" for b in sorted({b for _,b in ps.loads} | {b for b,_ in ps.stores})]
     head = ["    t = tl.program_id(0)", "    q = tl.program_id(1)", "    n = tl.load(numel + t)"]
     out = ["import triton", "import triton.language as tl"]
     out += ["from triton.language.extra import libdevice"] if not _interpreting() else []
     out += [_HELPERS, _PLAIN if _interpreting() else _LIBDEVICE]
-    if len(plan.passes) == 1:
-        p = plan.passes[0]
+    if not reds:
         out += ["@triton.jit", f"def fo_one({tabs}, numel, scal, G: tl.constexpr, BLOCK: tl.constexpr):", *head,
-                *ind(tensor_in + pre + ptrs(p) + loop(p), 4)]
+                *ind(tensor_in + pre + ptrs(last) + loop(last), 4)]
         out += _tstore(tabs, tensor_in + pre + t_stores, red=False) if t_stores else []
         return '\n'.join(out) + '\n'
-    p1,p2 = plan.passes
-    out += ["@triton.jit", f"def fo_pass1({tabs}, numel, scal, part, G: tl.constexpr, BLOCK: tl.constexpr):", *head,
-            *ind(tensor_in + pre + ptrs(p1), 4),
-            *[f"    a{k} = tl.zeros([BLOCK], tl.float64)" if r.name == 'rsum' else f"    a{k} = tl.full([BLOCK], -float('inf'), tl.float64)" for k,r in enumerate(p1.reduce)],
-            *ind(loop(p1, acc=True), 4),
-            *[f"    tl.store(part + (t * G + q) * {nred} + {k}, tl.{'sum' if r.name == 'rsum' else 'max'}(a{k}, axis=0))" for k,r in enumerate(p1.reduce)],
-            "", "@triton.jit", f"def fo_between({tabs}, numel, scal, part, red, G: tl.constexpr):",
-            "    t = tl.program_id(0)", "    n = tl.load(numel + t)", *ind(_add_partials(p1.reduce, nred), 4),
-            *ind(tensor_in + pre + between, 4),
-            "", "@triton.jit", f"def fo_pass2({tabs}, numel, scal, red, G: tl.constexpr, BLOCK: tl.constexpr):", *head,
-            *ind(tensor_in + pre + between + ptrs(p2) + loop(p2), 4)]
-    out += _tstore(tabs, tensor_in + pre + between + t_stores, red=True) if t_stores else []
+    if p1:
+        out += ["@triton.jit", f"def fo_pass1({tabs}, numel, scal, part, G: tl.constexpr, BLOCK: tl.constexpr):", *head,
+                *ind(tensor_in + pre + ptrs(p1) + acc(p1) + loop(p1) + keep(p1), 4),
+                "", "@triton.jit", f"def fo_between({tabs}, numel, scal, part, red, G: tl.constexpr):",
+                "    t = tl.program_id(0)", "    n = tl.load(numel + t)", *ind(_add_partials(p1.reduce, slot, nred), 4)]
+    out += ["", "@triton.jit", f"def fo_last({tabs}, numel, scal, part, red, G: tl.constexpr, BLOCK: tl.constexpr):", *head,
+            *ind(tensor_in + pre + between + ptrs(last) + acc(last) + loop(last) + keep(last), 4)]
+    if last.reduce or t_stores:
+        out += ["", "@triton.jit", f"def fo_tstore({tabs}, numel, scal, part, red, G: tl.constexpr):", "    t = tl.program_id(0)",
+                "    n = tl.load(numel + t)", *ind(_add_partials(last.reduce, slot, nred) + tensor_in + pre + between + after + t_stores, 4)]
     return '\n'.join(out) + '\n'
 
 def _tstore(tabs, lines, red):
     "A last launch that writes the per-tensor state, once every program has read it"
-    return ["", "@triton.jit", f"def fo_tstore({tabs}, numel, scal{', red' if red else ''}):", "    t = tl.program_id(0)",
+    return ["", "@triton.jit", f"def fo_tstore({tabs}, numel, scal):", "    t = tl.program_id(0)",
             "    n = tl.load(numel + t)", *['    ' + l for l in lines]]
 
-# %% ../../nbs/10f_fused.cuda.ipynb #4a1296bb
+# %% ../../nbs/10f_fused.cuda.ipynb #57a14002
 _mods,_mlock = {},threading.Lock()
 
 def _load(source:str):
@@ -254,15 +261,16 @@ class CudaKernel:
         ints = torch.frombuffer(array('q', [x for t in tables for x in t] + list(numel)), dtype=torch.int64).to(dev)
         tabs = list(ints[:-n].view(len(tables), n)) + [ints[-n:]]
         scal = torch.tensor(list(scalars) or [0.], dtype=torch.float64).to(dev)
-        m = self.mod
-        if len(self.plan.passes) == 1:
+        m,pl = self.mod,self.plan
+        if not pl.reductions:
             m.fo_one[(n, G)](*tabs, scal, G=G, BLOCK=BLOCK)
-            if self.plan.tensor_stores: m.fo_tstore[(n,)](*tabs, scal)
+            if pl.tensor_stores: m.fo_tstore[(n,)](*tabs, scal)
             return
-        nred = len(self.plan.reductions)
+        nred = len(pl.reductions)
         part = torch.empty(n * G * nred, dtype=torch.float64, device=dev)
         red = torch.empty(n * nred, dtype=torch.float64, device=dev)
-        m.fo_pass1[(n, G)](*tabs, scal, part, G=G, BLOCK=BLOCK)
-        m.fo_between[(n,)](*tabs, scal, part, red, G=G)
-        m.fo_pass2[(n, G)](*tabs, scal, red, G=G, BLOCK=BLOCK)
-        if self.plan.tensor_stores: m.fo_tstore[(n,)](*tabs, scal, red)
+        if len(pl.passes) == 2:
+            m.fo_pass1[(n, G)](*tabs, scal, part, G=G, BLOCK=BLOCK)
+            m.fo_between[(n,)](*tabs, scal, part, red, G=G)
+        m.fo_last[(n, G)](*tabs, scal, part, red, G=G, BLOCK=BLOCK)
+        if pl.passes[-1].reduce or pl.tensor_stores: m.fo_tstore[(n,)](*tabs, scal, part, red, G=G)

@@ -33,7 +33,7 @@ def by_reciprocal(g:Graph) -> Graph:
         else: ops.append(o)
     return g._replace(ops=tuple(ops))
 
-# %% ../../nbs/10d_fused.passes.ipynb #6d73c5bb
+# %% ../../nbs/10d_fused.passes.ipynb #db9ffaff
 class Buffer(NamedTuple):
     "A tensor per parameter the kernel reads or writes: the parameter, its gradient, or a state tensor"
     role: str   # 'param', 'grad' or 'state'
@@ -55,13 +55,14 @@ class Plan(NamedTuple):
     scalar_ops: tuple     # once per call
     tensor_loads: tuple   # (value id, buffer) of 0-d state, read per tensor
     tensor_ops: tuple     # per tensor, before pass 1 (need no reduction)
-    passes: tuple         # one or two `Pass`es
-    between: tuple        # per tensor, after pass 1 (need a reduction)
-    tensor_stores: tuple  # (buffer, value id) of 0-d state, written per tensor
+    passes: tuple         # one or two `Pass`es; the last one's reductions feed only per-tensor outputs
+    between: tuple        # per tensor, after pass 1 (need its reductions)
+    after: tuple          # per tensor, after the last pass (need its reductions)
+    tensor_stores: tuple  # (buffer, value id) of 0-d state, written per tensor, once every pass has read it
     @property
     def reductions(self): return tuple(r for p in self.passes for r in p.reduce)
 
-# %% ../../nbs/10d_fused.passes.ipynb #f74058b8
+# %% ../../nbs/10d_fused.passes.ipynb #001e9b53
 def _order(g:Graph, ids) -> tuple:
     "The ops of `g` whose outputs are in `ids`, in graph order"
     return tuple(o for o in g.ops if o.out in ids)
@@ -81,41 +82,47 @@ def plan(graph:Graph, exact:bool|None=None) -> Plan:
     by = {o.out: o for o in g.ops}
     inputs = {i.id: i for i in g.inputs}
     buf_of_input = {i.id: (i.role, i.key) for i in g.inputs if i.role != 'numel'}
-    red = {o.out for o in g.ops if o.name in REDUCE_PRIMS}
-    after = set(red)   # values that need a reduction
+    needs = {i.id: frozenset() for i in g.inputs}   # value -> the reductions it needs
     for o in g.ops:
-        if o.name not in REDUCE_PRIMS and any(x in after for x in o.operands): after.add(o.out)
-    for r in red:
-        if _closure(by, by[r].operands) & red or any(x in after for x in by[r].operands): raise Untraceable("a reduction of a value that needs another reduction")
+        s = frozenset().union(*(needs.get(x, frozenset()) for x in o.operands))
+        needs[o.out] = s | {o.out} if o.name in REDUCE_PRIMS else s
     types = g.types()
     scalar_ops = tuple(o for o in g.ops if o.kind == SCALAR)
-    if any(after & set(refs(o.args)) for o in scalar_ops): raise Untraceable("a per-step value that needs a reduction")
-    outs_e = [x for x in g.outputs if types[x.id][0] == ELEM or (x.role, x.key) in {(i.role, i.key) for i in g.inputs if i.kind == ELEM}]
+    if any(needs[o.out] for o in scalar_ops): raise Untraceable("a per-step value that needs a reduction")
+    elem_keys = {(i.role, i.key) for i in g.inputs if i.kind == ELEM}
+    outs_e = [x for x in g.outputs if types[x.id][0] == ELEM or (x.role, x.key) in elem_keys]
     outs_t = [x for x in g.outputs if x not in outs_e]
+    feed = frozenset().union(*(needs[x.id] for x in outs_e))              # what the new weights and state need: pass 1
+    term = [o.out for o in g.ops if o.name in REDUCE_PRIMS and o.out not in feed]   # only per-tensor outputs need these: the last pass
+    for r in feed:
+        if any(needs[x] for x in by[r].operands): raise Untraceable("a reduction of a value that needs another reduction")
+    for r in term:
+        if any(needs[x] - feed for x in by[r].operands): raise Untraceable("a reduction of a value that needs another reduction")
+    after1 = {v for v,s in needs.items() if s & feed}
     elem_ops = {o.out for o in g.ops if o.kind == ELEM}
     tensor_ids = {o.out for o in g.ops if o.kind == TENSOR}
     known_t = tensor_ids | {i.id for i in g.inputs if i.kind != ELEM} | {o.out for o in scalar_ops}
     # pass 1: what the reductions need, and the stores of state whose old value it reads anyway
-    if red:
-        need1 = _closure(by, [x for r in red for x in by[r].operands], stop=known_t) & elem_ops
-        reads1 = {x for o in need1 for x in by[o].operands if x in inputs} | {x for r in red for x in by[r].operands if x in inputs}
+    cand,rest,need1 = [],outs_e,set()
+    if feed:
+        need1 = _closure(by, [x for r in feed for x in by[r].operands], stop=known_t) & elem_ops
+        reads1 = {x for o in need1 for x in by[o].operands if x in inputs} | {x for r in feed for x in by[r].operands if x in inputs}
         in_id = {(i.role, i.key): i.id for i in g.inputs}
-        cand = []
         for x in outs_e:
-            if x.id in after: continue
+            if x.id in after1: continue
             nd = _closure(by, [x.id], stop=known_t)
             ins_needed = {y for o in nd for y in by[o].operands if y in inputs and inputs[y].kind == ELEM}
             if in_id.get((x.role, x.key)) in reads1 and ins_needed <= reads1: cand.append(x)
-        while True:   # pass 2 must not need an old value a store of pass 1 overwrote
+        while True:   # the last pass must not need an old value a store of pass 1 overwrote
             rest = [x for x in outs_e if x not in cand]
-            nd2 = _closure(by, [x.id for x in rest], stop=known_t | {x.id for x in cand})
+            nd2 = _closure(by, [x.id for x in rest] + [y for r in term for y in by[r].operands], stop=known_t | {x.id for x in cand})
             reads2 = {y for o in nd2 for y in by[o].operands if y in inputs} | {x.id for x in rest if x.id in inputs}
             bad = [x for x in cand if in_id.get((x.role, x.key)) in reads2]
             if not bad: break
             cand = [x for x in cand if x not in bad]
         need1 |= {o for x in cand for o in _closure(by, [x.id], stop=known_t)} & elem_ops
-    else: need1,cand,rest = set(),[],outs_e
-    nd2 = _closure(by, [x.id for x in rest], stop=known_t | {x.id for x in cand}) & elem_ops
+    term_args = [y for r in term for y in by[r].operands]
+    nd2 = _closure(by, [x.id for x in rest] + term_args, stop=known_t | {x.id for x in cand}) & elem_ops
     bufs,index = [],{}
     def buf(role, key, kind, dtype):
         if (role, key) not in index: index[(role, key)] = len(bufs); bufs.append(Buffer(role, key, kind, dtype))
@@ -126,16 +133,18 @@ def plan(graph:Graph, exact:bool|None=None) -> Plan:
     def stores(outs):
         return tuple((buf(x.role, x.key, ELEM, _out_dtype(g, x)), x.id) for x in outs)
     passes = []
-    if red:
-        l1 = loads(need1, [x for r in red for x in by[r].operands])
-        passes.append(Pass(l1, _order(g, need1), _order(g, red), stores(cand)))
-    reread = tuple((x.id, index[(x.role, x.key)]) for x in cand if x.id in _needs(by, nd2, [y.id for y in rest]))
-    l2 = loads(nd2, [x.id for x in rest])
-    passes.append(Pass(l2 + reread, _order(g, nd2), (), stores(rest)))
+    if feed:
+        l1 = loads(need1, [x for r in feed for x in by[r].operands])
+        passes.append(Pass(l1, _order(g, need1), _order(g, feed), stores(cand)))
+    reread = tuple((x.id, index[(x.role, x.key)]) for x in cand if x.id in _needs(by, nd2, [y.id for y in rest] + term_args))
+    l2 = loads(nd2, [x.id for x in rest] + term_args)
+    passes.append(Pass(l2 + reread, _order(g, nd2), _order(g, set(term)), stores(rest)))
     t_loads = tuple((i.id, buf(i.role, i.key, TENSOR, i.dtype)) for i in g.inputs if i.kind == TENSOR and i.role != 'numel')
     t_stores = tuple((buf(x.role, x.key, TENSOR, _out_dtype(g, x)), x.id) for x in outs_t)
-    return Plan(g, tuple(bufs), scalar_ops, t_loads, _order(g, tensor_ids - after), tuple(passes),
-                _order(g, tensor_ids & after - red), t_stores)
+    red = set(feed) | set(term)
+    return Plan(g, tuple(bufs), scalar_ops, t_loads, _order(g, {v for v in tensor_ids if not needs[v]}), tuple(passes),
+                _order(g, {v for v in tensor_ids - red if needs[v] and needs[v] <= feed}),
+                _order(g, {v for v in tensor_ids - red if needs[v] - feed}), t_stores)
 
 def _needs(by, ops, ids) -> set:
     "Values the ops `ops` and the outputs `ids` read"
