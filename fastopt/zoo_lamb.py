@@ -20,7 +20,7 @@ from .layerwise import lamb_step, Lamb
 # %% auto #0
 __all__ = ['lamb_paper_step', 'LambPaper', 'lamb_timm_step', 'LambTimm']
 
-# %% ../nbs/44_lamb_variants.ipynb #c79d2c22
+# %% ../nbs/44_lamb_variants.ipynb #5487f4ce
 def lamb_paper_step(p, lr, mom, step, grad_avg, sqr_avg, eps, wd, max_w_norm=10., decouple_wd=False, do_wd=True, **kwargs):
     "LAMB step as in the paper (v3) and pytorch-optimizer: trust ratio `min(|w|, max_w_norm) / (|r| + eps)`"
     r = grad_avg / sqr_avg.sqrt().add_(eps)
@@ -28,6 +28,7 @@ def lamb_paper_step(p, lr, mom, step, grad_avg, sqr_avg, eps, wd, max_w_norm=10.
     w_norm,r_norm = p.data.norm().clamp(max=max_w_norm),r.norm()
     q = torch.where((w_norm > 0) & (r_norm > 0), w_norm / (r_norm + eps), 1.)
     p.data.sub_(r.mul_(q), alpha=lr / (1 - mom**step))
+    return {'trust_ratio': q}
 
 lamb_paper_step.defaults = dict(max_w_norm=10., eps=1e-6, wd=0.)
 hyper_checks['max_w_norm'] = _real_in(0, lo_open=True)
@@ -48,7 +49,7 @@ def LambPaper(
     cbs += [partial(average_grad, dampening=True), average_sqr_grad, step_stat, partial(lamb_paper_step, decouple_wd=decouple_wd)]
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, max_w_norm=max_w_norm)
 
-# %% ../nbs/44_lamb_variants.ipynb #3563dfc2
+# %% ../nbs/44_lamb_variants.ipynb #221bc059
 def lamb_timm_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, wd, trust_clip=False, always_adapt=False,
                    bias_correction=True, do_wd=True, **kwargs):
     "LAMB step as in timm: trust ratio `|w|/|r|` (capped at 1 with `trust_clip`), only where `wd != 0` or `always_adapt`"
@@ -62,6 +63,7 @@ def lamb_timm_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, wd, trust_
         if trust_clip: q = q.clamp(max=1.)
         r.mul_(q)
     p.data.sub_(r, alpha=lr)
+    if wd != 0 or always_adapt: return {'trust_ratio': q}
 
 lamb_timm_step.defaults = dict(eps=1e-6, wd=0.01, trust_clip=False, always_adapt=False, bias_correction=True)
 

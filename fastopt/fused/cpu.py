@@ -227,7 +227,7 @@ def cpp_source(plan:Plan) -> str:
         '    }', '    }', '}', '']
     return '\n'.join(src)
 
-# %% ../../nbs/10e_fused.cpu.ipynb #80777c0d
+# %% ../../nbs/10e_fused.cpu.ipynb #727f35b8
 cxx_flags = ['-O3', '-march=native', '-fopenmp', '-fno-math-errno', '-fno-trapping-math', '-ffp-contract=off', '-fPIC',
              '-shared', '-std=c++17', '-w']
 
@@ -288,7 +288,7 @@ def build(source:str, what:str='a callback chain') -> Path:
         finally: timer.cancel()
     return out
 
-# %% ../../nbs/10e_fused.cpu.ipynb #afc4aea2
+# %% ../../nbs/10e_fused.cpu.ipynb #b64562b8
 class CpuKernel:
     "A compiled `Plan` for CPU tensors: `kernel(tables, numel, scalars)` steps every tensor of the tables in place"
     device = 'cpu'
@@ -312,7 +312,7 @@ class CpuKernel:
         self.fn(n, bufs.buffer_info()[0], numel.buffer_info()[0], scal.buffer_info()[0],
                 nthreads or torch.get_num_threads(), self.group_elems)
 
-# %% ../../nbs/10e_fused.cpu.ipynb #dbdff6ff
+# %% ../../nbs/10e_fused.cpu.ipynb #3ad7cf31
 _digits = {torch.float32: (24, -125), torch.float64: (53, -1021), torch.bfloat16: (8, -125), torch.float16: (11, -13)}
 
 def ulps(a:torch.Tensor, b:torch.Tensor, scale=None) -> torch.Tensor:
