@@ -15,16 +15,24 @@ from .layerwise import *
 from .lookahead import *
 from .wrapper import *
 from .torch_compat import *
-from .batch_size import *
 from .smooth import *
-from .stability import *
 from .zoo_lion_adan import *
 from .zoo_adam_variants import *
-from .zoo_schedule_free import *
 from .zoo_muon import *
 from .zoo_lamb import *
 from .zoo import *
 from .precision import *
-from .per_example import *
 from .bias_correction import *
 from .fused import *
+
+# fastai's callbacks are built on first use (see `_lazy_fastai` in `fastopt.optimizer`), so that `import fastopt` does
+# not import fastai, which takes a second or more. `from .x import *` would build them, so these modules' other names
+# are imported one by one, and the callbacks come through this module's `__getattr__`.
+from functools import partial as _partial
+from . import batch_size, stability, zoo_schedule_free, per_example, optim_stats
+from .optimizer import _lazy_fastai
+_mods = (batch_size, stability, zoo_schedule_free, per_example, optim_stats)
+_lazy = {n: _partial(getattr, m, n) for m in _mods for n in m.__getattr__.names}
+globals().update({n: getattr(m, n) for m in _mods for n in m.__all__ if n not in _lazy})
+__all__ = [n for n in globals() if not n.startswith('_')] + list(_lazy)  # `from fastopt import *`, as before
+__getattr__,__dir__ = _lazy_fastai(globals(), **_lazy)  # without fastai it takes them out of `__all__`

@@ -26,11 +26,11 @@ from fastcore.script import call_parse
 import fastopt
 
 # %% auto #0
-__all__ = ['resnet50_shapes', 'shape_sets', 'adamw_hypers', 'peer_opts', 'fastopt_opts', 'zoo_opts', 'grad_modes', 'make_params',
-           'Contender', 'summarize', 'step_peak_memory', 'bench', 'to_markdown', 'plot', 'time_compiles',
-           'learner_epoch', 'learner_times', 'main']
+__all__ = ['resnet50_shapes', 'gpt_block_shapes', 'gpt_shapes', 'shape_sets', 'adamw_hypers', 'peer_opts', 'fastopt_opts',
+           'zoo_opts', 'grad_modes', 'make_params', 'Contender', 'summarize', 'step_peak_memory', 'bench',
+           'to_markdown', 'plot', 'time_compiles', 'learner_epoch', 'learner_times', 'main']
 
-# %% ../nbs/11_bench.ipynb #b9633403
+# %% ../nbs/11_bench.ipynb #d3512a85
 resnet50_shapes = [  # (out, in, kh, kw) conv weights, (c,) batch-norm weights and biases, then the fc layer
     (64, 3, 7, 7), (64,), (64,), (64, 64, 1, 1), (64,), (64,), (64, 64, 3, 3), (64,),
     (64,), (256, 64, 1, 1), (256,), (256,), (256, 64, 1, 1), (256,), (256,), (64, 256, 1, 1),
@@ -55,13 +55,30 @@ resnet50_shapes = [  # (out, in, kh, kw) conv weights, (c,) batch-norm weights a
     (1000,),
 ]
 
+# A GPT-like model, in the order of its `parameters()`: 6 pre-norm blocks of width d=512, MLP width 4d=2048, a vocabulary
+# of 16,384 tokens and a context of 1,024 positions, biases everywhere, the output layer tied to the token embedding
+# (GPT-2's layout, with q, k and v as separate projections): 2 embeddings + 6 blocks of 16 tensors + the final layer
+# norm's 2 = 100 tensors, 27,828,224 parameters.
+_d,_vocab,_ctx,_nblocks = 512, 16_384, 1_024, 6
+gpt_block_shapes = [
+    (_d,), (_d,),                                     # ln_1: weight, bias
+    (_d, _d), (_d,), (_d, _d), (_d,), (_d, _d), (_d,),  # attention q, k, v: weight, bias each
+    (_d, _d), (_d,),                                  # attention output projection: weight, bias
+    (_d,), (_d,),                                     # ln_2: weight, bias
+    (4*_d, _d), (4*_d,),                              # MLP up: weight, bias
+    (_d, 4*_d), (_d,),                                # MLP down: weight, bias
+]
+# token and position embeddings, the blocks, the final layer norm (ln_f)
+gpt_shapes = [(_vocab, _d), (_ctx, _d)] + gpt_block_shapes*_nblocks + [(_d,), (_d,)]
+
 shape_sets = {
     'resnet50': resnet50_shapes,
+    'gpt': gpt_shapes,
     'many-small': [(1000,)]*2000,
     'mlp': [(512, 784), (512,), (512, 512), (512,), (10, 512), (10,)],
 }
 
-# %% ../nbs/11_bench.ipynb #4d063288
+# %% ../nbs/11_bench.ipynb #58895cc2
 adamw_hypers = {'lr': 1e-3, 'betas': (0.9, 0.99), 'eps': 1e-5, 'weight_decay': 0.01}  # fastai's Adam defaults, for every AdamW
 
 def _optimi_adamw(ps):
@@ -93,6 +110,9 @@ fastopt_opts = {
     'rmsprop': partial(fastopt.RMSProp, lr=1e-3, wd=0.01),
     'lamb':    partial(fastopt.Lamb, lr=1e-3, wd=0.01),
     'larc':    partial(fastopt.Larc, lr=1e-3, wd=0.01),
+    # with the optimizer statistics of `fastopt.optim_stats` recorded in the step
+    'adam_stats': lambda ps: fastopt.with_stats(fastopt.Adam(ps, lr=1e-3, wd=0.01)),
+    'lamb_stats': lambda ps: fastopt.with_stats(fastopt.Lamb(ps, lr=1e-3, wd=0.01)),
 }
 
 zoo_opts = {name: partial(f, lr=1e-3, wd=0.01) for name,f in [
@@ -353,13 +373,13 @@ def learner_times(rounds=3):
         for k,f in funcs.items(): times[k].append(learner_epoch(f))
     return {k: statistics.median(v) for k,v in times.items()}
 
-# %% ../nbs/11_bench.ipynb #6724f9a9
+# %% ../nbs/11_bench.ipynb #42968c66
 @call_parse
 def main(
     opts:str='adam,radam,qhadam,sgd,rmsprop,lamb,larc', # fastopt optimizers, comma separated (`fastopt_opts`, `zoo_opts`)
     zoo:bool=False, # add the zoo's optimizers (`zoo_opts`)
     peers:str='all', # other libraries' optimizers, comma separated (`peer_opts`), or all, or none
-    shapes:str='resnet50', # one of `shape_sets`: resnet50, many-small, mlp
+    shapes:str='resnet50', # one of `shape_sets`: resnet50, gpt, many-small, mlp
     device:str='cpu', # cpu or cuda
     rounds:int=15, # interleaved rounds: each implementation takes one timed step per gradient mode in each
     modes:str='kept,new', # gradient modes, comma separated: kept (same tensors every step), new (new tensors every step)
@@ -377,6 +397,8 @@ def main(
     names = list(dict.fromkeys(split(opts) + (list(zoo_opts) if zoo else [])))
     peer_names = list(peer_opts) if peers == 'all' else [] if peers == 'none' else split(peers)
     if device.startswith('cuda') and not torch.cuda.is_available(): raise ValueError("`--device cuda`: CUDA is not available here")
+    try: fastopt.optimizer._needs(('fastai', 'sklearn') if learner else (), 'python -m fastopt.bench --learner', 'demo')
+    except ImportError as e: raise SystemExit(e) from None  # one line, before the long run
     res = bench(names, peer_names, shapes, device, rounds, split(modes), heavyball_budget, memory)
     if compile_times and names:
         eager,cold,warm = time_compiles(names[0], shapes, device, threads)

@@ -7,10 +7,12 @@ Docs: https://fastopt.github.io/fastopt/fastai_amp.html.md"""
 # %% auto #0
 __all__ = ['DeviceMixedPrecision']
 
-# %% ../nbs/22a_fastai_amp.ipynb #7369cdfa
+# %% ../nbs/22a_fastai_amp.ipynb #8facd577
 import torch
 from torch.amp import GradScaler, autocast
 from fastcore.foundation import L
+from .optimizer import _needs
+_needs('fastai', 'fastopt.fastai_amp')  # without fastai: one line naming the extra, not fastai's traceback
 from fastai.callback.fp16 import MixedPrecision, AMPMode
 
 class DeviceMixedPrecision(MixedPrecision):

@@ -516,3 +516,31 @@ def _load_state_dict(self,
 
 Optimizer._to_torch_format,Optimizer._check_state,Optimizer.load_state_dict = _to_torch_format,_check_state,_load_state_dict
 Optimizer._meta,Optimizer.state_dict,Optimizer._check_meta = _meta,_state_dict,_check_meta
+
+# %% ../nbs/00_optimizer.ipynb #87153606
+import importlib, importlib.util
+
+def _installed(name:str) -> bool:
+    "Whether module `name` can be imported, found without importing it"
+    try: return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError): return False  # e.g. `sys.modules[name] = None`, which blocks the import
+
+def _needs(names:str|Iterable[str], what:str, extra:str='fastai'):
+    "Import module(s) `names`, or raise a one-line `ImportError`: `what` needs the missing one, and the extra that installs it"
+    for n in [names] if isinstance(names, str) else names:
+        try: importlib.import_module(n)
+        except ModuleNotFoundError: raise ImportError(f"{what} needs {n}: pip install 'fastopt[{extra}]'") from None
+
+def _lazy_fastai(g:dict, **factories):
+    "PEP 562 `__getattr__` and `__dir__` for the module with globals `g`: name `n` is `factories[n]()`, made on first use"
+    mod = g['__name__']
+    if '__all__' in g and not _installed('fastai'): g['__all__'] = [n for n in g['__all__'] if n not in factories]
+    def __getattr__(name):
+        if name not in factories: raise AttributeError(f"module {mod!r} has no attribute {name!r}")
+        _needs('fastai', f'{mod}.{name}')
+        o = g[name] = factories[name]()
+        o.__qualname__ = name  # it was defined inside its factory; `pickle` finds it as `mod.name`
+        return o
+    def __dir__(): return sorted({*g, *factories})
+    __getattr__.names = tuple(factories)
+    return __getattr__, __dir__

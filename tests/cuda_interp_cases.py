@@ -1,5 +1,5 @@
 "Run by tests/test_fused_cuda.py in a process with TRITON_INTERPRET=1: the Triton kernels on CPU tensors vs the C++ kernels"
-import sys, torch, fastopt
+import sys, torch, fastopt, fastopt.optim_stats
 from array import array
 from fastopt.fused.trace import trace_chain
 from fastopt.fused.lower import lower
@@ -11,7 +11,9 @@ def setup(name, dt, shapes, seed=0):
     "Params of `shapes` after one eager step of fastopt's `name` (which creates the state), with new gradients"
     torch.manual_seed(seed)
     ps = [torch.nn.Parameter(torch.randn(s).to(dt)) for s in shapes]
-    o = getattr(fastopt, name)(ps, lr=1e-2); o.engine = 'eager'
+    stats = name.endswith('+stats')   # the chain wrapped by `with_stats`: reductions in the last pass
+    o = getattr(fastopt, name.removesuffix('+stats'))(ps, lr=1e-2); o.engine = 'eager'
+    if stats: fastopt.optim_stats.with_stats(o)
     for p in ps: p.grad = torch.randn_like(p)
     o.step()
     for p in ps: p.grad = torch.randn_like(p)
@@ -32,11 +34,15 @@ def run(kind, name, dt, shapes):
 shapes = [(300, 7), (70,), (5000,), ()]
 for name in sys.argv[1].split(','):
     for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        a, sa, npass = run('triton', name, dt, shapes)
-        b, sb, _ = run('cpp', name, dt, shapes)
-        p0,_ = setup(name, dt, shapes)
+        sh = shapes[:-1] if name.endswith('+stats') else shapes   # a 0-d parameter's statistics step eagerly (its state's shape is its own)
+        a, sa, npass = run('triton', name, dt, sh)
+        b, sb, _ = run('cpp', name, dt, sh)
+        p0,_ = setup(name, dt, sh)
         worst = max(ulps(x.detach(), y.detach(), scale=z.detach()).max().item() for x,y,z in zip(a, b, p0))
         for x,y in zip(sa, sb):
             for k,v in y.items():
-                if torch.is_tensor(v): worst = max(worst, ulps(x[k], v, scale=v.abs().float().mean().expand_as(v) if v.dim() else v.abs()).max().item())
+                if not torch.is_tensor(v): continue
+                if k.startswith('stat_'):   # statistics: sums added in another order, rounded to the parameter's dtype
+                    torch.testing.assert_close(x[k].float(), v.float(), rtol=2e-2 if dt in (torch.bfloat16, torch.float16) else 1e-5, atol=1e-6)
+                else: worst = max(worst, ulps(x[k], v, scale=v.abs().float().mean().expand_as(v) if v.dim() else v.abs()).max().item())
         print(f"RESULT {name} {str(dt)[6:]} passes={npass} ulps={worst}", flush=True)

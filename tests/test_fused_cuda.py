@@ -6,7 +6,7 @@ import pytest
 
 triton = pytest.importorskip('triton', reason="the Triton kernels need triton (installed with the dev extra)")
 
-CHAINS = ['Adam', 'SGD', 'Lamb', 'Larc', 'RAdam', 'Lion', 'Adan', 'StableAdamW', 'AMSGrad', 'ScheduleFreeAdamW', 'LambTimm', 'KahanAdamW', 'GuardedAdam']
+CHAINS = ['Adam', 'SGD', 'Lamb', 'Larc', 'RAdam', 'Lion', 'Adan', 'StableAdamW', 'AMSGrad', 'ScheduleFreeAdamW', 'LambTimm', 'KahanAdamW', 'GuardedAdam', 'Adam+stats', 'Lamb+stats']
 
 def test_triton_kernels_match_cpp_in_interpreter(tmp_path):
     """Every chain's Triton kernels (one pass, or pass 1, per-tensor values and pass 2) compute what the C++ kernels

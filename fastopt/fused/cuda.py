@@ -128,7 +128,7 @@ def fo_fmod(a, b): return a - fo_trunc(fo_div(a, b)) * b
 def fo_hypot(a, b): return fo_sqrt(a * a + b * b)
 '''
 
-# %% ../../nbs/10f_fused.cuda.ipynb #347a873b
+# %% ../../nbs/10f_fused.cuda.ipynb #aa12966a
 class _Src:
     "Python (Triton) expressions for the values of a plan"
     def __init__(self, plan): self.types = plan.graph.types()
@@ -154,6 +154,12 @@ class _Src:
         if dt is torch.bfloat16: return f"v{op.out} = fo_rbf16(({e}).to(tl.float32))"
         if dt is torch.float16: return f"v{op.out} = ({e}).to(tl.float16).to(tl.float32)"
         return f"v{op.out} = ({e}).to({_tl(dt)})"
+
+def _mem(x, dt):
+    "The value `x` converted to the memory dtype `dt` (bf16 and fp16 through fp32, rounded to nearest even)"
+    if dt is torch.bfloat16: return f"fo_rbf16(({x}).to(tl.float32)).to(tl.bfloat16)"
+    if dt is torch.float16: return f"({x}).to(tl.float32).to(tl.float16)"
+    return f"({x}).to({_MEMTL[dt]})"
 
 def _add_partials(reduce, slot, nred):
     "Each tensor's `G` partial results of the reductions `reduce`, combined in order, into `red`"
@@ -185,7 +191,7 @@ def triton_source(plan:Plan) -> str:
     last = plan.passes[-1]
     between = got(p1.reduce if p1 else ()) + [src.stmt(o) for o in plan.between]
     after = got(last.reduce) + [src.stmt(o) for o in plan.after]
-    t_stores = [f"tl.store({ptr(b)}, v{v}.to({_MEMTL[plan.buffers[b].dtype]}))" for b,v in plan.tensor_stores]
+    t_stores = [f"tl.store({ptr(b)}, {_mem(f'v{v}', plan.buffers[b].dtype)})" for b,v in plan.tensor_stores]
     def loop(ps):
         lines = ["for start in range(q * BLOCK, n, G * BLOCK):", "    offs = start + tl.arange(0, BLOCK)", "    m = offs < n"]
         body = [f"v{v} = tl.load(P{b} + offs, mask=m, other=0).to({_tl(types[v][1])})" for v,b in ps.loads]
@@ -193,7 +199,7 @@ def triton_source(plan:Plan) -> str:
         for r in ps.reduce:
             k,x = slot[r.out], src.arg(r.args[0], 'tl.float64')
             body.append(f"a{k} += tl.where(m, {x}, 0.0)" if r.name == 'rsum' else f"a{k} = fo_max(a{k}, tl.where(m, {x}, -float('inf')))")
-        body += [f"tl.store(P{b} + offs, {f'v{v}' if types[v][0] == ELEM else f'tl.where(m, v{v}, v{v})'}.to({_MEMTL[plan.buffers[b].dtype]}), mask=m)"
+        body += [f"tl.store(P{b} + offs, {_mem(f'v{v}' if types[v][0] == ELEM else f'tl.where(m, v{v}, v{v})', plan.buffers[b].dtype)}, mask=m)"
                  for b,v in ps.stores]   # a per-tensor value stored per element: broadcast by the mask
         return lines + ind(body, 4)
     def acc(ps): return [f"a{slot[r.out]} = tl.zeros([BLOCK], tl.float64)" if r.name == 'rsum' else

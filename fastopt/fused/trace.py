@@ -43,13 +43,17 @@ def _base(n):
     "The op an in-place method (`mul_`) is the in-place version of"
     return n[:-1] if n.endswith('_') and not n.endswith('__') else n
 
-# %% ../../nbs/10b_fused.trace.ipynb #5bcc7060
+# %% ../../nbs/10b_fused.trace.ipynb #b9288929
 _local = threading.local()  # `.tracer`: the tracer recording in this thread, if any
 
 def _current(): return getattr(_local, 'tracer', None)
 
 class _Node(Tensor):
     "A tiny tensor standing in for a value of the graph while tracing"
+    def fo_per_element(self) -> bool:
+        "True if this stands in for a value with one number per element of the parameter (its shape is not the stand-in's)"
+        return self._fo_tr.kind(self) == ELEM
+
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
