@@ -323,7 +323,7 @@ class FusedEngine:
 
 engines['fused'] = FusedEngine
 
-# %% ../../nbs/10g_fused.engine.ipynb #efaff739
+# %% ../../nbs/10g_fused.engine.ipynb #c000b947
 class AutoEngine:
     "The fused engine for optimizers with at least `min_numel` parameter elements, the eager engine below"
     name = 'auto'

@@ -291,7 +291,7 @@ for _n in 'add sub mul truediv floordiv mod pow'.split():
 for _n in 'lt le gt ge eq ne'.split(): setattr(_Sym, f'__{_n}__', lambda s, o, f=getattr(operator, _n): s._op(f, s, o))
 for _n in 'neg pos abs'.split(): setattr(_Sym, f'__{_n}__', lambda s, f=getattr(operator, _n): s._op(f, s))
 
-# %% ../../nbs/10b_fused.trace.ipynb #2eb66de8
+# %% ../../nbs/10b_fused.trace.ipynb #7546b101
 _traces = {}  # structure of a chain's inputs -> its cached traces (or None: trace every step); shared by every optimizer
 
 def _pure(cb):
@@ -343,7 +343,7 @@ def _symbolic(d, prog):
     sym = lambda v: prog.input(v) if _is_num(v) else tuple(map(prog.input, v)) if _is_nums(v) else v
     return {k: sym(v) for k,v in d.items()}
 
-# %% ../../nbs/10b_fused.trace.ipynb #11e6f22c
+# %% ../../nbs/10b_fused.trace.ipynb #d7594b97
 def _same(a, b): return a == b or a != a and b != b  # nan equals nan here
 
 class _CachedTrace:
