@@ -120,7 +120,7 @@ def process_nb(nb):
     fnb.cells = cells
     return _to_nbformat(fnb), fm
 
-# %% ../nbs/91_docs.ipynb #40600eda
+# %% ../nbs/91_docs.ipynb #1abe2e49
 _re_attr_link = re.compile(r'\[([^\]]+)\]\(([^)\s]+)\)\{target="_blank"[^}]*\}')
 
 def fix_markdown(md:str) -> str:
@@ -135,9 +135,16 @@ def symbol_table(lib='fastopt') -> dict:
     except ImportError: return {}
     res = {}
     for mod, syms in d['syms'].items():
+        page = None
         for full, (url, _) in syms.items():
             name = full[len(mod)+1:]
-            res[name] = f"{url.split('#')[0]}#{name}"
+            page = url.split('#')[0]
+            res[name] = f"{page}#{name}"
+        # the fastai callbacks a module defines on first use (`_lazy_fastai`) are not top-level code nbdev indexes
+        try: lazy = getattr(getattr(importlib.import_module(mod), '__getattr__', None), 'names', ())
+        except ImportError: lazy = ()
+        for name in lazy:
+            if page: res.setdefault(name, f"{page}#{name}")
     return res
 
 def link_symbols(md:str, syms:dict) -> str:
