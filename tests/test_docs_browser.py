@@ -215,7 +215,7 @@ def test_search_finds_api_names(site, browser, name):
     url = _wait(browser, f"return location.href === {json.dumps(want)} && document.readyState === 'complete' && location.href")
     assert url == want, f"searching {name!r} and choosing the first result went to {browser.current_url}, not {want}"
     top = browser.execute_script(f"return document.getElementById({json.dumps(name)}).getBoundingClientRect().top")
-    assert 0 <= top < 300, f"{name}'s entry is not at the top of the window after the jump (top={top})"
+    assert -2 <= top < 300, f"{name}'s entry is not at the top of the window after the jump (top={top})"  # -2: a sub-pixel scroll
     _shot(browser, f'docs_search_landed_{name}.png')
     _assert_local(browser, site, f'searching {name}')
 
