@@ -17,7 +17,7 @@ from .adaptive import debias
 __all__ = ['stat_names', 'per_element', 'StatsChain', 'with_stats', 'without_stats', 'OptimStats', 'plot_heatmap', 'plot_layers',
            'OptimStatsCallback']
 
-# %% ../nbs/35_optim_stats.ipynb #11dc8686
+# %% ../nbs/35_optim_stats.ipynb #a41e926e
 def per_element(x, p) -> bool:
     "True if the tensor `x` has one value per element of the parameter `p` (also while the fused engine traces the chain)"
     if not isinstance(x, Tensor): return False
@@ -28,6 +28,7 @@ stat_names = ('w', 'g', 'dw', 'dw_g', 'lr_mean', 'lr_max', 'trust')  # what `Sta
 
 class StatsChain:
     "Run the callbacks `cbs`, then keep per-tensor statistics of the step in the state (`stat_w`, `stat_dw`, ...)"
+    pure_chain = True   # its result depends only on its arguments and on its callbacks': the fused engine may trace it once
     def __init__(self,
         cbs:Callable|MutableSequence, # The callbacks of an `Optimizer`, run in order
         norms:bool=True, # also record the norm of each state tensor of the parameter's shape (`stat_norm_{key}`)

@@ -17,12 +17,13 @@ from .lookahead import Lookahead
 # %% auto #0
 __all__ = ['precision_modes', 'FP32Math', 'fp32_math', 'AdamWKahan']
 
-# %% ../nbs/22_precision.ipynb #a890603c
+# %% ../nbs/22_precision.ipynb #f5dc6c7a
 _low_precision = (torch.bfloat16, torch.float16)
 precision_modes = ('round', 'kahan', 'master')
 
 class FP32Math:
     "Run the callbacks `cbs` in fp32 on bf16/fp16 params and round the result into `p` once; fp32 params run them as is"
+    pure_chain = True   # its result depends only on its arguments and on its callbacks': the fused engine may trace it once
     def __init__(self,
         cbs:Callable|MutableSequence, # The callbacks of an `Optimizer`, run in order
         mode:str='master' # What to do with the rounding error: 'round' (drop), 'kahan' (compensate), 'master' (fp32 copy)

@@ -123,8 +123,13 @@ def _statement(op, names) -> str:
     if op.name in ('eq', 'ne', 'lt', 'le', 'gt', 'ge', 'and', 'or', 'xor', 'not'): return f"const bool v{op.out} = {expr};"
     return f"const {_ct(op.dtype)} v{op.out} = {_rounded(expr, op.dtype, op.ctype)};"
 
-# %% ../../nbs/10e_fused.cpu.ipynb #9159db7f
+# %% ../../nbs/10e_fused.cpu.ipynb #7081fa5d
 CHUNK = 2048  # elements a reduction adds up before its sum is stored: fixed, so the result does not depend on the threads
+
+def _acc_type(r, types) -> str:
+    "A chunk's accumulator: the summed value's own C type (a chunk is short, and its vector lanes add up in parallel); fp64 across chunks"
+    a = r.args[0]
+    return _ct(types[a.id][1]) if isinstance(a, Ref) and types[a.id][1] != torch.bool else 'double'
 
 def cpp_source(plan:Plan) -> str:
     "The C++ source of `plan` as `fo_step` (see above)"
@@ -153,7 +158,8 @@ def cpp_source(plan:Plan) -> str:
         lines = [f"const {_ct(types[v][1])} v{v} = {_load(plan.buffers[b].dtype, f'P{b}[j]')};" for v,b in ps.loads]
         lines += [_statement(o, names) for o in ps.ops]
         for r in ps.reduce:   # sums in fp64; a max skips nans and counts them (a nan makes the result nan)
-            k,x = slot[r.out], names(r.args[0], 'double')
+            k = slot[r.out]
+            x = names(r.args[0], _acc_type(r, types))
             lines += [f"a{k} += {x};"] if r.name == 'rsum' else [f"a{k} = {x} > a{k} ? {x} : a{k};", f"c{k} += {x} != {x};"]
         lines += [f"P{b}[j] = {_store(plan.buffers[b].dtype, f'v{v}')};" for b,v in ps.stores]
         return lines
@@ -180,8 +186,8 @@ def cpp_source(plan:Plan) -> str:
         return '\n'.join(src)
     def chunk_pass(ps, known):
         "One pass over this thread's chunks of the group, each chunk's reductions stored in `part`"
-        acc = [l for r in ps.reduce for l in ([f"double a{slot[r.out]} = 0;"] if r.name == 'rsum' else
-               [f"double a{slot[r.out]} = -std::numeric_limits<double>::infinity();", f"int64_t c{slot[r.out]} = 0;"])]
+        acc = [l for r in ps.reduce for l in ([f"{_acc_type(r, types)} a{slot[r.out]} = 0;"] if r.name == 'rsum' else
+               [f"{_acc_type(r, types)} a{slot[r.out]} = -std::numeric_limits<{_acc_type(r, types)}>::infinity();", f"int64_t c{slot[r.out]} = 0;"])]
         clauses = ' '.join([f"reduction(+:a{slot[r.out]})" for r in ps.reduce if r.name == 'rsum'] +
                            [f"reduction(max:a{slot[r.out]}) reduction(+:c{slot[r.out]})" for r in ps.reduce if r.name == 'rmax'])
         keep = [f"part[c * NR + {slot[r.out]}] = " + (f"a{slot[r.out]};" if r.name == 'rsum' else

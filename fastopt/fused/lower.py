@@ -44,11 +44,11 @@ def opmath(dt):
     "The dtype torch computes `dt` in: fp32 for bf16 and fp16"
     return torch.float32 if dt in (torch.bfloat16, torch.float16) else dt
 
-# %% ../../nbs/10c_fused.lower.ipynb #2a073110
+# %% ../../nbs/10c_fused.lower.ipynb #9e0b84fa
 class Lowering:
     "Rewrites the ops of a traced graph into primitives, one op at a time (`lw.op` is the op being rewritten)"
     def __init__(self, graph:Graph):
-        self.g,self.ops,self.alias,self.op = graph,[],{},None
+        self.g,self.ops,self.alias,self.op,self.memo = graph,[],{},None,{}
         self.types = graph.types()
         self.next = max(self.types, default=-1) + 1
         self.inputs = list(graph.inputs)
@@ -75,8 +75,11 @@ class Lowering:
         ct = opmath(self.op.ctype) if ctype is None else ctype
         dt = ct if dtype is None else dtype
         k = kind or (TENSOR if name in REDUCE_PRIMS else widest([self.kind(a) for a in args]))
+        key = (name, tuple(args), k, dt, ct)
+        if key in self.memo: return self.memo[key]   # computed already (by another callback, say): the same value
         o = Op(self.next, name, tuple(args), (), k, dt, ct)
         self.ops.append(o); self.types[o.out] = (k, dt); self.next += 1
+        self.memo[key] = Ref(o.out)
         return Ref(o.out)
 
     def numel(self) -> Ref:

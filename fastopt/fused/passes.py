@@ -62,7 +62,7 @@ class Plan(NamedTuple):
     @property
     def reductions(self): return tuple(r for p in self.passes for r in p.reduce)
 
-# %% ../../nbs/10d_fused.passes.ipynb #001e9b53
+# %% ../../nbs/10d_fused.passes.ipynb #27e3339d
 def _order(g:Graph, ids) -> tuple:
     "The ops of `g` whose outputs are in `ids`, in graph order"
     return tuple(o for o in g.ops if o.out in ids)
@@ -93,7 +93,11 @@ def plan(graph:Graph, exact:bool|None=None) -> Plan:
     outs_e = [x for x in g.outputs if types[x.id][0] == ELEM or (x.role, x.key) in elem_keys]
     outs_t = [x for x in g.outputs if x not in outs_e]
     feed = frozenset().union(*(needs[x.id] for x in outs_e))              # what the new weights and state need: pass 1
-    term = [o.out for o in g.ops if o.name in REDUCE_PRIMS and o.out not in feed]   # only per-tensor outputs need these: the last pass
+    term = [o.out for o in g.ops if o.name in REDUCE_PRIMS and o.out not in feed]   # only per-tensor outputs need these
+    if feed:   # those that need nothing of pass 1's reductions ride along in pass 1 (they read what it reads), the others in the last
+        term1 = [r for r in term if not any(needs[x] for x in by[r].operands)]
+        term = [r for r in term if r not in term1]
+        feed = feed | frozenset(term1)
     for r in feed:
         if any(needs[x] for x in by[r].operands): raise Untraceable("a reduction of a value that needs another reduction")
     for r in term:

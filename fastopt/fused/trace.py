@@ -291,13 +291,14 @@ for _n in 'add sub mul truediv floordiv mod pow'.split():
 for _n in 'lt le gt ge eq ne'.split(): setattr(_Sym, f'__{_n}__', lambda s, o, f=getattr(operator, _n): s._op(f, s, o))
 for _n in 'neg pos abs'.split(): setattr(_Sym, f'__{_n}__', lambda s, f=getattr(operator, _n): s._op(f, s))
 
-# %% ../../nbs/10b_fused.trace.ipynb #7546b101
+# %% ../../nbs/10b_fused.trace.ipynb #20d9aff9
 _traces = {}  # structure of a chain's inputs -> its cached traces (or None: trace every step); shared by every optimizer
 
 def _pure(cb):
     "A callback whose result only depends on its arguments: fastopt's own (plain functions and partials of them)"
     f = cb.func if isinstance(cb, functools.partial) else cb
     if getattr(f, 'pure', False): return True
+    if getattr(type(f), 'pure_chain', False): return all(map(_pure, f.cbs))   # a wrapper of a chain (`FP32Math`, `StatsChain`)
     return isinstance(f, types.FunctionType) and f.__closure__ is None and (f.__module__ or '').startswith('fastopt.')
 
 def _is_num(v):
