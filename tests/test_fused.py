@@ -447,3 +447,19 @@ def test_trace_cache_numpy_hypers(monkeypatch):
     assert_models_equal(mf, uncached(monkeypatch, partial(Adam, lr=1e-2, wd=0.01), hook=hook)[0])
     me,_ = sched_train('eager', partial(Adam, lr=1e-2, wd=0.01), hook=hook)
     assert_models_close(me, mf)
+
+def test_graphs_differing_in_an_argument_kind_get_their_own_kernels(monkeypatch):
+    "`p*lr + p` and `p*p + lr` trace to graphs alike but for a value (`v0`) where the other has a scalar (`s0`): two kernels"
+    monkeypatch.setattr(fengine, '_kernels', {})
+    def a(p, lr, **kwargs): p.data.copy_(p.data * lr + p.data)
+    def b(p, lr, **kwargs): p.data.copy_(p.data * p.data + lr)
+    for cb in (a, b, a):
+        out = {}
+        for engine in ('eager', 'fused'):
+            torch.manual_seed(0)
+            ps = [nn.Parameter(torch.randn(50))]
+            opt = Optimizer(ps, [cb], lr=0.5, engine=engine)
+            for _ in range(3):
+                ps[0].grad = torch.randn(50); opt.step()
+            out[engine] = ps[0].detach().clone()
+        assert opt.engine.stepped['fused'] == 2 and torch.equal(out['eager'], out['fused']), cb.__name__
