@@ -110,17 +110,21 @@ def _update(state:dict, new=None):
     if isinstance(new, dict): state.update(new)
     return state
 
+def _step_eagerly(opt, hyper:dict, params):
+    "Run each callback on each of `params` in turn"
+    for p in params:
+        state = opt.state[p]
+        for cb in opt.cbs: state = _update(state, cb(p, **{**state, **hyper}))
+        opt.state[p] = state
+    # callbacks write through `p.data`, which autograd does not see: a backward that saved these weights must raise, as in torch
+    torch.autograd.graph.increment_version(params)
+
 class EagerEngine:
     "Run each callback on each parameter in turn, exactly as fastai's `Optimizer.step` does"
     name = 'eager'
     def step(self, opt):
         for group in opt.param_groups:
-            hyper = dict(Hypers(group))
-            for p in group['params']:
-                if p.grad is None: continue
-                state = opt.state[p]
-                for cb in opt.cbs: state = _update(state, cb(p, **{**state, **hyper}))
-                opt.state[p] = state
+            _step_eagerly(opt, dict(Hypers(group)), [p for p in group['params'] if p.grad is not None])
 
 engines = {'eager': EagerEngine}
 default_engine = 'eager'

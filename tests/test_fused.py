@@ -268,6 +268,20 @@ def test_grads_never_written(opt_f, zero):
         opt.zero_grad(set_to_none=zero == 'none')
     assert opt.engine.failed is None
 
+@pytest.mark.parametrize('engine', ['eager', 'fused'])
+def test_weights_stepped_under_a_saved_graph_raise_on_backward(engine):
+    "A step between a forward and its backward changes weights autograd saved: backward raises on both engines"
+    m = model(); opt = Adam(m.parameters(), lr=1e-2); opt.engine = engine
+    m(torch.randn(16, 6)).pow(2).mean().backward(); opt.step()   # state exists: the next step is a kernel call
+    opt.zero_grad()
+    m(torch.randn(16, 6)).pow(2).mean().backward()
+    loss = m(torch.randn(16, 6)).pow(2).mean()                  # saves the weights for its backward
+    versions = [p._version for p in m.parameters()]
+    opt.step()
+    assert all(p._version > v for p,v in zip(m.parameters(), versions))
+    with pytest.raises(RuntimeError, match='modified by an inplace operation'): loss.backward()
+    if engine == 'fused': assert opt.engine.failed is None and opt.engine.stepped['fused'] > 0
+
 def test_save_one_layer():
     "`torch.save` of one layer after fused steps writes that layer (its own storage), not the whole model"
     torch.manual_seed(0)
