@@ -496,6 +496,17 @@ def _copy_value(v, p):
     if isinstance(v, dict): return {k: _copy_value(o, p) for k,o in v.items()}
     return deepcopy(v)
 
+_torch_group_keys = {'betas', 'momentum', 'weight_decay', 'alpha', 'dampening', 'nesterov', 'amsgrad', 'maximize', 'foreach',
+                     'capturable', 'differentiable', 'fused', 'centered', 'decoupled_weight_decay'}
+_torch_state_keys = {'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq', 'momentum_buffer', 'square_avg', 'exp_inf', 'mu_product'}
+
+def _saved_by_torch_optim(sd) -> bool:
+    "True if `sd` looks saved by a `torch.optim` optimizer: torch's group or state keys, no `fastopt` entry"
+    if 'fastopt' in sd or not isinstance(sd.get('param_groups'), (list, tuple)) or not isinstance(sd.get('state'), Mapping): return False
+    gkeys = {k for g in sd['param_groups'] if isinstance(g, Mapping) for k in g}
+    skeys = {k for st in sd['state'].values() if isinstance(st, Mapping) for k in st}
+    return bool(gkeys & _torch_group_keys - {'betas', 'momentum', 'weight_decay'}) or bool(skeys & _torch_state_keys)
+
 def _load_state_dict(self,
     sd:dict # A state dict in torch's format, or fastai's (`state` list and `hypers`)
 ):
@@ -505,6 +516,9 @@ def _load_state_dict(self,
         res = hook(self, sd)
         if res is not None: sd = res
     if 'hypers' in sd and 'param_groups' not in sd: sd = self._to_torch_format(sd)
+    elif _saved_by_torch_optim(sd):   # torch's names for state and hypers: mapped to this optimizer's, or refused
+        from .torch_compat import from_torch_state_dict
+        sd = from_torch_state_dict(self, sd)
     idx2p = self._check_state(sd)
     new_state = defaultdict(dict)
     for k,st in sd['state'].items():
