@@ -18,8 +18,8 @@ from fastcore.foundation import L
 from fastcore.basics import even_mults, store_attr, GetAttr, range_of
 
 # %% auto #0
-__all__ = ['hyper_checks', 'engines', 'default_engine', 'check_hyper', 'ParamGroup', 'Hypers', 'EagerEngine', 'get_engine',
-           'Optimizer', 'all_finite']
+__all__ = ['hyper_checks', 'engines', 'default_engine', 'check_hyper', 'ParamGroup', 'Hypers', 'step_hypers', 'EagerEngine',
+           'get_engine', 'Optimizer', 'all_finite']
 
 # %% ../nbs/00_optimizer.ipynb #3c0bb6dd
 def _is_real(v):
@@ -28,15 +28,15 @@ def _is_real(v):
     if isinstance(v, numbers.Real): return True
     return isinstance(v, Tensor) and v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool
 
-def _real_in(lo=None, hi=None, lo_open=False, hi_open=False):
-    "A check that a hyper is a real number in the interval given"
+def _real_in(lo=None, hi=None, lo_open=False, hi_open=False, finite=False):
+    "A check that a hyper is a real number in the interval given (`finite`: and not infinite)"
     lb = '(' if lo_open else '['
     rb = ')' if hi_open else ']'
-    desc = f"a real number in {lb}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{rb}"
+    desc = f"a {'finite ' if finite else ''}real number in {lb}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{rb}"
     def _check(name, v):
         if not _is_real(v): raise TypeError(f"Hyper-parameter `{name}` must be {desc}, got {v!r} of type {type(v).__name__}")
         x = float(v)
-        ok = not math.isnan(x)
+        ok = math.isfinite(x) if finite else not math.isnan(x)
         if lo is not None: ok = ok and (x > lo if lo_open else x >= lo)
         if hi is not None: ok = ok and (x < hi if hi_open else x <= hi)
         if not ok: raise ValueError(f"Hyper-parameter `{name}` must be {desc}, got {v!r}")
@@ -49,28 +49,36 @@ def _is_bool(name, v):
 
 # %% ../nbs/00_optimizer.ipynb #01cdf3cb
 hyper_checks = {
-    'lr':          _real_in(0),
+    'lr':          _real_in(0, finite=True),
     'mom':         _real_in(0, 1, hi_open=True),
     'sqr_mom':     _real_in(0, 1, hi_open=True),
-    'eps':         _real_in(0, lo_open=True),
-    'wd':          _real_in(0),
+    'eps':         _real_in(0, lo_open=True, finite=True),
+    'wd':          _real_in(0, finite=True),
     'nu_1':        _real_in(0, 1),
     'nu_2':        _real_in(0, 1),
-    'beta':        _real_in(0),
-    'trust_coeff': _real_in(0),
+    'beta':        _real_in(0, finite=True),
+    'trust_coeff': _real_in(0, finite=True),
 }
 
-def check_hyper(name, v):
-    "Raise a `TypeError`/`ValueError` naming `name` and `v` if `v` is not a valid value for hyper-parameter `name`"
+_torch_alias = {'momentum': 'mom', 'weight_decay': 'wd'}   # torch's names for fastai's hypers (`betas` is the pair)
+
+def _check_betas(name, v):
+    "`betas` is a pair `(mom, sqr_mom)`, each checked as its fastai twin"
+    if not isinstance(v, (tuple, list)) or len(v) != 2:
+        raise TypeError(f"Hyper-parameter `{name}` must be a pair (mom, sqr_mom), got {v!r}")
+    for i,(k,x) in enumerate(zip(('mom', 'sqr_mom'), v)): check_hyper(k, x, f'{name}[{i}]')
+
+def check_hyper(name, v, shown=None):
+    "Raise a `TypeError`/`ValueError` naming `name` (or `shown`) and `v` if `v` is not a valid value for hyper-parameter `name`"
     chk = hyper_checks.get(name)
-    if chk is not None: chk(name, v)
+    if chk is None and name in _torch_alias: chk = hyper_checks.get(_torch_alias[name])   # torch's name, fastai's rule
+    if chk is None and name == 'betas': chk = _check_betas
+    if chk is not None: chk(shown or name, v)
     return v
 
 # %% ../nbs/00_optimizer.ipynb #645fd1d0
-_torch_alias = {'momentum': 'mom', 'weight_decay': 'wd'}
-
 class ParamGroup(dict):
-    "A param group dict in which torch's `betas`, `momentum`, `weight_decay` alias fastai's `mom`, `sqr_mom`, `wd`"
+    "A param group dict in which torch's `betas`, `momentum`, `weight_decay` alias fastai's `mom`, `sqr_mom`, `wd`; every write is checked"
     def _own(self, k): return dict.__contains__(self, k)
     def _is_alias(self, k):
         if self._own(k): return False
@@ -81,6 +89,7 @@ class ParamGroup(dict):
         if self._is_alias(k): return (self['mom'], self['sqr_mom']) if k == 'betas' else dict.__getitem__(self, _torch_alias[k])
         return dict.__getitem__(self, k)
     def __setitem__(self, k, v):
+        if k not in ('params', 'param_names'): check_hyper(k, v)   # `group['lr'] = nan` fails here, as the constructor would
         if self._is_alias(k):
             if k == 'betas': dict.__setitem__(self, 'mom', v[0]); dict.__setitem__(self, 'sqr_mom', v[1])
             else: dict.__setitem__(self, _torch_alias[k], v)
@@ -89,18 +98,20 @@ class ParamGroup(dict):
     def __reduce__(self): return (self.__class__, (dict(self),))
 
 # %% ../nbs/00_optimizer.ipynb #443f53ef
+_not_hypers = ('params', 'param_names')   # what a group holds besides its hyper-parameters
+
 class Hypers(MutableMapping):
-    "Live view of a param group's hyper-parameters (every key but `params`)"
+    "Live view of a param group's hyper-parameters (every key but `params` and torch's `param_names`)"
     def __init__(self, group): self.group = group
     def __getitem__(self, k):
-        if k == 'params': raise KeyError(k)
+        if k in _not_hypers: raise KeyError(k)
         return self.group[k]
     def __setitem__(self, k, v):
-        if k == 'params': raise KeyError("`params` is not a hyper-parameter")
+        if k in _not_hypers: raise KeyError(f"`{k}` is not a hyper-parameter")
         self.group[k] = v
     def __delitem__(self, k): del self.group[k]
-    def __iter__(self): return (k for k in dict.keys(self.group) if k != 'params')
-    def __len__(self): return len(self.group) - ('params' in dict.keys(self.group))
+    def __iter__(self): return (k for k in dict.keys(self.group) if k not in _not_hypers)
+    def __len__(self): return sum(1 for _ in self)
     def __repr__(self): return repr(dict(self))
     def __eq__(self, o): return dict(self) == (dict(o) if isinstance(o, Mapping) else o)
 
@@ -110,12 +121,20 @@ def _update(state:dict, new=None):
     if isinstance(new, dict): state.update(new)
     return state
 
+def step_hypers(group) -> dict:
+    "A group's hyper-parameters for one step; a one-element tensor (`lr=torch.tensor([1e-3])`) as a 0-d view of itself"
+    h = dict(Hypers(group))
+    for k,v in h.items():
+        if isinstance(v, Tensor) and v.dim() and v.numel() == 1: h[k] = v.reshape(())   # a view: in-place writes still reach it
+    return h
+
 def _step_eagerly(opt, hyper:dict, params):
-    "Run each callback on each of `params` in turn"
+    "Run each callback on each of `params` in turn; `p.grad` is the same tensor afterwards"
     for p in params:
-        state = opt.state[p]
+        state,grad = opt.state[p],p.grad
         for cb in opt.cbs: state = _update(state, cb(p, **{**state, **hyper}))
         opt.state[p] = state
+        if p.grad is not grad: p.grad = grad   # a callback that changes the gradient (`l2_reg`) works on a copy
     # callbacks write through `p.data`, which autograd does not see: a backward that saved these weights must raise, as in torch
     torch.autograd.graph.increment_version(params)
 
@@ -124,7 +143,7 @@ class EagerEngine:
     name = 'eager'
     def step(self, opt):
         for group in opt.param_groups:
-            _step_eagerly(opt, dict(Hypers(group)), [p for p in group['params'] if p.grad is not None])
+            _step_eagerly(opt, step_hypers(group), [p for p in group['params'] if p.grad is not None])
 
 engines = {'eager': EagerEngine}
 default_engine = 'eager'
@@ -148,6 +167,8 @@ def _cb_defaults(cb):
         cb = getattr(cb, 'func', None)
     return {}
 
+def _is_named(o): return isinstance(o, tuple) and len(o) == 2 and isinstance(o[0], str)
+
 def _as_groups(params):
     "Normalise `params` into a list of dicts with a `params` list each"
     if isinstance(params, Tensor): params = [params]
@@ -156,14 +177,21 @@ def _as_groups(params):
     except TypeError: raise TypeError(f"`params` must be an iterable of tensors, lists of tensors or dicts, got {type(params).__name__}") from None
     if len(params) == 0: raise ValueError("`params` is an empty list: the optimizer has no parameters to optimize")
     if all(isinstance(o, Mapping) for o in params): groups = [dict(o) for o in params]
+    elif all(map(_is_named, params)): groups = [{'params': params}]   # `model.named_parameters()`
     elif all(isinstance(o, (list, tuple, L)) for o in params): groups = [{'params': o} for o in params]
     elif any(isinstance(o, (Mapping, list, tuple, L)) for o in params):
         raise TypeError("`params` mixes tensors, lists and dicts; give a list of tensors, a list of lists, or a list of dicts")
     else: groups = [{'params': params}]
-    for g in groups:
-        if 'params' not in g: raise ValueError(f"A param group dict has no `params` key: {sorted(g)}")
+    for i,g in enumerate(groups):
+        if 'params' not in g: raise ValueError(f"`params` group {i} is a dict without a `params` key: {sorted(g)}")
         ps = g['params']
-        g['params'] = [ps] if isinstance(ps, Tensor) else list(ps)
+        if isinstance(ps, (set, frozenset)): raise TypeError(f"`params` group {i} is a set: its order changes between runs; give a list")
+        ps = [ps] if isinstance(ps, Tensor) else list(ps)
+        named = list(map(_is_named, ps))
+        if any(named):   # `model.named_parameters()`, as torch >= 2.6 takes it: the names go to `param_names`
+            if not all(named): raise ValueError(f"`params` group {i} mixes named (name, tensor) pairs and bare tensors: name all or none")
+            g['param_names'],ps = [n for n,_ in ps],[t for _,t in ps]
+        g['params'] = ps
     return groups
 
 def _check_params(groups, existing=()):
@@ -172,6 +200,7 @@ def _check_params(groups, existing=()):
     for i,g in enumerate(groups):
         for p in g['params']:
             if not isinstance(p, Tensor): raise TypeError(f"`params` group {i} holds a {type(p).__name__}, not a tensor: {p!r}")
+            if p.layout != torch.strided: raise TypeError(f"`params` group {i} holds a {p.layout} parameter of shape {tuple(p.shape)}: fastopt's callbacks need dense tensors")
             if p.is_complex(): raise TypeError(f"`params` group {i} holds a complex parameter of shape {tuple(p.shape)}; fastopt's callbacks "
                 "are written for real tensors: store it as a real parameter with a trailing dimension of 2 and use `torch.view_as_complex` in the forward pass")
             if not p.is_leaf and not p.retains_grad: raise ValueError(f"`params` group {i} holds a non-leaf tensor of shape {tuple(p.shape)}")
@@ -179,6 +208,8 @@ def _check_params(groups, existing=()):
             seen.add(id(p))
     # an empty group next to others is fine (a splitter may give one); no parameter at all is not
     if not seen: raise ValueError(f"`params` holds no parameters ({len(groups)} empty group(s)): the optimizer has nothing to optimize")
+    named = {'param_names' in g for g in groups}
+    if len(named) > 1: raise ValueError("`params`: some groups have named parameters and some not; name all or none, as torch requires")
 
 def _spread(k, v, n):
     "`v` as `n` checked values, one per group: a scalar repeated, a list as is, a `slice` of learning rates spread"
@@ -186,8 +217,11 @@ def _spread(k, v, n):
     if isinstance(v, slice):
         if v.start: v = even_mults(v.start, v.stop, n)
         else: v = [v.stop/10]*(n-1) + [v.stop]
-    # a number, numpy's included, or a 0-d tensor is one value (fastai raises TypeError on `np.float64(0.1)`)
-    v = [v] if isinstance(v, numbers.Number) or getattr(v, 'ndim', None) == 0 else list(L(v, use_list=None))
+    # a number (numpy's included: fastai raises TypeError on `np.float64(0.1)`), a one-element tensor and a `betas`
+    # pair are one value; a list (or an array) gives one value per group
+    one = (isinstance(v, numbers.Number) or (isinstance(v, Tensor) and v.numel() == 1) or getattr(v, 'ndim', None) == 0
+           or (k == 'betas' and isinstance(v, tuple)))
+    v = [v] if one else list(L(v, use_list=None))
     if len(v) == 1: v = v*n
     if len(v) != n: raise ValueError(f"Trying to set {len(v)} values for `{k}` but there are {n} parameter groups: {orig!r}")
     for x in v: check_hyper(k, x)
@@ -243,6 +277,7 @@ class Optimizer(torch.optim.Optimizer):
         self.cbs = cbs
         self._engine = get_engine(engine)
         self.nonfinite,self.skipped_steps = nonfinite,0
+        self.name = 'Optimizer'   # what `repr` shows; the ready-made optimizers set their own (`Adam`, `Lamb`, ...)
         super().__init__(groups, ParamGroup(defaults))
         self.frozen_idx = 0
 
@@ -265,9 +300,14 @@ class Optimizer(torch.optim.Optimizer):
     def nonfinite(self, v):
         if v not in (None, 'skip', 'raise'): raise ValueError(f"`nonfinite` must be None, 'skip' or 'raise', got {v!r}")
         self._nonfinite = v
-    def __getstate__(self):
-        "Everything but torch's hooks (torch's own `__getstate__` keeps only groups, state and defaults: no `cbs`)"
-        return {k:v for k,v in self.__dict__.items() if not k.startswith('_optimizer_') and k != '_zero_grad_profile_name'}
+    def __repr__(self):
+        "torch's layout: the optimizer's name, then its callbacks, its engine and each group's hyper-parameters"
+        lines = [f"{self.name} (", f"Callbacks: {', '.join(_cb_name(cb) for cb in self.cbs)}",
+                 f"Engine: {getattr(self.engine, 'name', type(self.engine).__name__)}"]
+        for i,g in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            lines += [f"    {k}: {g[k]}" for k in sorted(dict.keys(g)) if k != 'params']
+        return '\n'.join(lines + [')'])
 
     def __getstate__(self):
         "Every attribute but torch's hooks (torch's keeps only groups, state and defaults, so a copy lost the callbacks)"
@@ -277,7 +317,7 @@ class Optimizer(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state):
-        state = {'_nonfinite': None, 'skipped_steps': 0, **state}
+        state = {'_nonfinite': None, 'skipped_steps': 0, 'name': 'Optimizer', **state}
         if isinstance(state.get('_engine'), str): state['_engine'] = get_engine(state['_engine'])
         super().__setstate__(state)
         self.param_groups = [g if isinstance(g, ParamGroup) else ParamGroup(g) for g in self.param_groups]
@@ -298,9 +338,13 @@ def _hypers(self): return L(Hypers(g) for g in self.param_groups)
 def _hypers(self, v):
     v = list(v)
     if len(v) != len(self.param_groups): raise ValueError(f"`hypers` has {len(v)} groups, the optimizer has {len(self.param_groups)}")
+    for i,h in enumerate(v):
+        bad = [k for k in h if k in _not_hypers]
+        if bad: raise ValueError(f"`hypers` group {i} sets `{bad[0]}`, which is not a hyper-parameter (use `param_lists` for the parameters)")
+    v = [_fastai_names(h, self.defaults) for h in v]
     for h in v: _check_hypers(h)
     for g,h in zip(self.param_groups, v):
-        for k in [k for k in dict.keys(g) if k != 'params']: del g[k]
+        for k in [k for k in dict.keys(g) if k not in _not_hypers]: del g[k]
         for k,x in h.items(): g[k] = x
 Optimizer.hypers = _hypers
 
@@ -326,6 +370,9 @@ def _set_hyper(self,
 
 def _set_hypers(self, **kwargs):
     "Set several hyper-parameters at once; all are checked before any is set"
+    for k,names in (('betas', ('mom', 'sqr_mom')), ('momentum', ('mom',)), ('weight_decay', ('wd',))):
+        both = [n for n in names if k in kwargs and n in kwargs]
+        if both: raise ValueError(f"`set_hypers` sets both `{k}` and `{both[0]}`: they name the same hyper-parameter")
     vals = {k: _expand(self, k, v) for k,v in kwargs.items()}
     for k,v in vals.items():
         for g,x in zip(self.param_groups, v): g[k] = x
@@ -389,12 +436,20 @@ def _sparse_grad_error(self):
     raise TypeError(f"{_grad_name(i, j, p)} has a sparse gradient ({p.grad.layout}); fastopt optimizers need dense gradients: "
                     "use `nn.Embedding(sparse=False)`, or `torch.optim.SparseAdam` through `OptimWrapper`")
 
-_grad_of,_layout_of = operator.attrgetter('grad'),operator.attrgetter('layout')
+_grad_of,_layout_of,_dtype_of = operator.attrgetter('grad'),operator.attrgetter('layout'),operator.attrgetter('dtype')
+
+def _complex_error(self):
+    "Raise the error for the first complex parameter (or gradient)"
+    i,j,p = next((i, j, p) for i,g in enumerate(self.param_groups) for j,p in enumerate(g['params'])
+                 if p.grad is not None and (p.is_complex() or p.grad.is_complex()))
+    raise TypeError(f"{_grad_name(i, j, p)} is complex; fastopt's callbacks are written for real tensors: store it as a real "
+                    "parameter with a trailing dimension of 2 and use `torch.view_as_complex` in the forward pass")
 
 def _grads_ok(self):
     "Raise on sparse gradients; with `nonfinite` set, check all gradients at once: False when the step must be skipped"
     grads = [gr for g in self.param_groups for gr in map(_grad_of, g['params']) if gr is not None]
     if any(l is not torch.strided for l in set(map(_layout_of, grads))): self._sparse_grad_error()   # checked in bulk: a step's hot path
+    if any(d.is_complex for d in set(map(_dtype_of, grads))): self._complex_error()   # a parameter appended to `param_groups` by hand
     if self.nonfinite is None or all_finite(grads): return True
     if self.nonfinite == 'raise':
         bad = next(_grad_name(i, j, p) for i,g in enumerate(self.param_groups) for j,p in enumerate(g['params'])
@@ -422,7 +477,7 @@ def _clear_state(self):
             self.state[p] = {k: st[k] for k in self._keep_on_clear if k in st}
 
 Optimizer.step,Optimizer.zero_grad,Optimizer.clear_state,Optimizer._grads_ok = _step,_zero_grad,_clear_state,_grads_ok
-Optimizer._sparse_grad_error = _sparse_grad_error
+Optimizer._sparse_grad_error,Optimizer._complex_error = _sparse_grad_error,_complex_error
 
 # %% ../nbs/00_optimizer.ipynb #817b4325
 def _to_torch_format(self, sd):
@@ -472,23 +527,58 @@ def _check_state(self, sd):
     self._check_meta(sd)
     if 'param_groups' not in sd or 'state' not in sd:
         raise ValueError(f"`state_dict` must have `state` and `param_groups` (torch) or `state` and `hypers` (fastai), got keys {sorted(sd)}")
-    groups = sd['param_groups']
+    groups,state = sd['param_groups'],sd['state']
+    if not isinstance(groups, (list, tuple)) or not all(isinstance(g, Mapping) for g in groups):
+        raise TypeError(f"`state_dict['param_groups']` must be a list of dicts, got {type(groups).__name__}")
+    if not isinstance(state, Mapping): raise TypeError(f"`state_dict['state']` must be a dict, got {type(state).__name__}")
     if len(groups) != len(self.param_groups):
         raise ValueError(f"`state_dict` has {len(groups)} parameter groups, the optimizer has {len(self.param_groups)}")
     idx2p = {}
     for i,(g,mine) in enumerate(zip(groups, self.param_groups)):
+        if not isinstance(g.get('params'), (list, tuple)): raise ValueError(f"`state_dict` group {i} has no `params` list: keys {sorted(g)}")
         if len(g['params']) != len(mine['params']):
             raise ValueError(f"`state_dict` group {i} has {len(g['params'])} parameters, the optimizer's has {len(mine['params'])}")
+        missing = [k for k in self.defaults if k not in g]
+        if missing: raise ValueError(f"`state_dict` group {i} lacks hyper-parameter(s) {missing}, which this optimizer's callbacks read")
+        names = g.get('param_names')
+        if names is not None and (not isinstance(names, (list, tuple)) or len(names) != len(g['params']) or not all(isinstance(n, str) for n in names)):
+            raise ValueError(f"`state_dict` group {i}'s `param_names` must be one name (str) per parameter, got {names!r}")
         _check_hypers(g)
         idx2p.update(zip(g['params'], mine['params']))
-    for k,st in sd['state'].items():
+    per_elem = set(_per_element_state)   # keys that hold one value per element: the parameter's shape, never 0-d
+    for k,st in state.items():
+        p = idx2p.get(k)
+        if isinstance(st, Mapping) and p is not None:
+            per_elem.update(n for n,v in st.items() if isinstance(v, Tensor) and v.dim() > 0 and v.shape == p.shape and p.dim() > 0)
+    for p in idx2p.values():
+        per_elem.update(n for n,v in self.state.get(p, {}).items() if isinstance(v, Tensor) and v.dim() > 0 and v.shape == p.shape)
+    for k,st in state.items():
         if k not in idx2p: raise ValueError(f"`state_dict` has state for parameter index {k!r}, which no group lists")
-        p = idx2p[k]
         if not isinstance(st, Mapping): raise TypeError(f"`state_dict` state for parameter {k} must be a dict, got {type(st).__name__}")
-        for name,v in st.items():
-            if isinstance(v, Tensor) and v.dim() > 0 and name not in self._shape_free_state and v.shape != p.shape:
-                raise ValueError(f"`state_dict` state `{name}` of parameter {k} has shape {tuple(v.shape)}, the parameter has {tuple(p.shape)}")
+        p = idx2p[k]
+        for name,v in st.items(): self._check_state_value(k, p, name, v, per_elem)
     return idx2p
+
+_per_element_state = ('grad_avg', 'sqr_avg', 'max_sqr_avg')   # fastai's own; others are learnt from the state seen
+
+def _check_state_value(self, k, p, name, v, per_elem):
+    "Raise if state `name` = `v` of parameter index `k` (tensor `p`) cannot be stepped: wrong kind, dtype or shape"
+    where = f"`state_dict` state `{name}` of parameter {k}"
+    cur = self.state.get(p, {}).get(name)
+    if isinstance(v, Tensor):
+        if v.is_complex() or not (v.is_floating_point() or (isinstance(cur, Tensor) and cur.dtype == v.dtype)):
+            raise TypeError(f"{where} is a {v.dtype} tensor; optimizer state tensors are real floating point")
+        if isinstance(cur, Tensor) and (cur.dtype != v.dtype or cur.shape != v.shape):
+            raise ValueError(f"{where} is {v.dtype} of shape {tuple(v.shape)}; this optimizer keeps it as {cur.dtype} of shape {tuple(cur.shape)}")
+        if v.dim() > 0 and name not in self._shape_free_state and v.shape != p.shape:
+            raise ValueError(f"{where} has shape {tuple(v.shape)}, the parameter has {tuple(p.shape)}")
+        if v.dim() == 0 and p.dim() > 0 and name in per_elem and name not in self._shape_free_state:
+            raise ValueError(f"{where} is a 0-d tensor; it holds one value per element of the parameter, of shape {tuple(p.shape)}")
+    elif name == 'step':
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0: raise TypeError(f"{where} must be an int >= 0 (steps taken), got {v!r}")
+    elif isinstance(cur, Tensor): raise TypeError(f"{where} is a {type(v).__name__}; this optimizer keeps a tensor there")
+    elif isinstance(v, str) or (isinstance(cur, numbers.Number) and not isinstance(v, numbers.Number)):
+        raise TypeError(f"{where} is {v!r} ({type(v).__name__}), not a value a step can use")
 
 def _copy_value(v, p):
     if isinstance(v, Tensor): return v.detach().clone().to(p.device)
@@ -525,14 +615,16 @@ def _load_state_dict(self,
         p = idx2p[k]
         new_state[p] = {name: _copy_value(v, p) for name,v in st.items()}
     for g,mine in zip(sd['param_groups'], self.param_groups):
-        for name in [n for n in dict.keys(mine) if n != 'params']: del mine[name]
+        # as torch: the saved `param_names` replace the optimizer's, which stay when the saved groups have none
+        for name in [n for n in dict.keys(mine) if n != 'params' and (n != 'param_names' or n in g)]: del mine[name]
         for name,v in g.items():
-            if name != 'params': mine[name] = deepcopy(v)
+            if name != 'params': dict.__setitem__(mine, name, deepcopy(v))   # checked above, all before any is set
     self.state = new_state
     if 'fastopt' in sd: self.skipped_steps = sd['fastopt'].get('skipped_steps', 0)
     for hook in getattr(self, '_optimizer_load_state_dict_post_hooks', {}).values(): hook(self)
 
 Optimizer._to_torch_format,Optimizer._check_state,Optimizer.load_state_dict = _to_torch_format,_check_state,_load_state_dict
+Optimizer._check_state_value = _check_state_value
 Optimizer._meta,Optimizer.state_dict,Optimizer._check_meta = _meta,_state_dict,_check_meta
 
 # %% ../nbs/00_optimizer.ipynb #87153606

@@ -36,8 +36,8 @@ weight_decay.defaults = dict(wd=0.)
 
 # %% ../nbs/01_sgd.ipynb #2cdacf86
 def l2_reg(p, lr, wd, do_wd=True, **kwargs):
-    "L2 regularization as adding `wd*p` to `p.grad`"
-    if do_wd and wd!=0: p.grad.data.add_(p.data, alpha=wd)
+    "L2 regularization as adding `wd*p` to the gradient (a new tensor: the engines give `p` its own `grad` back after the step)"
+    if do_wd and wd!=0: p.grad = p.grad.data.add(p.data, alpha=wd)
 
 l2_reg.defaults = dict(wd=0.)
 

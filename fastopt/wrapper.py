@@ -46,6 +46,12 @@ def _convert_params(o:list) -> list:
     "Turn fastai's list of param lists into torch's list of group dicts"
     return [g if isinstance(g, dict) else {'params': g} for g in o]
 
+def _flatten_params(o) -> list:
+    "The tensors in `o`: a tensor, a group dict, or nested lists of them"
+    if isinstance(o, Tensor): return [o]
+    if isinstance(o, dict): return _flatten_params(o.get('params', []))
+    return [t for x in o for t in _flatten_params(x)]
+
 class OptimWrapper(GetAttr):
     "A wrapper class for existing PyTorch optimizers"
     _xtra=['zero_grad', 'step', 'state_dict', 'load_state_dict']
@@ -89,6 +95,17 @@ class OptimWrapper(GetAttr):
         for k,v in vals.items(): self._set_hyper(k, v)
 
     def clear_state(self): self.opt.state = defaultdict(dict, {})
+
+    def __call__(self, params=None, lr=None, **kwargs):
+        "A built wrapper passed as a `Learner`'s `opt_func`: the `Learner` gets the wrapper itself, its state cleared"
+        if kwargs: raise TypeError(f"A built `OptimWrapper` used as `opt_func` takes no hyper-parameters, got {sorted(kwargs)}")
+        mine = [p for pg in self.opt.param_groups for p in pg['params']]
+        if params is not None:
+            given = {id(p) for p in _flatten_params(params)}
+            if not all(id(p) in given for p in mine):
+                raise ValueError("This `OptimWrapper` optimizes parameters that are not the Learner's model's: build it on `learn.model`'s parameters")
+        self.clear_state()   # as fastai's `Learner.create_opt` does with its own built wrapper; `fit` sets `lr`
+        return self
 
     @property
     def param_lists(self): return [pg['params'] for pg in self.opt.param_groups]

@@ -159,7 +159,10 @@ def test_adam_into_radam(trained):
     before = _deep(m, r)
     with pytest.raises(ValueError, match=r"'adam_step'\].*'radam_step'\]"): r.load_state_dict(a.state_dict())
     _unchanged(m, r, before)
-    sd = {k:v for k,v in a.state_dict().items() if k != 'fastopt'}  # without the record it is the user's call
+    sd = {k:v for k,v in a.state_dict().items() if k != 'fastopt'}  # without the record it is the user's call...
+    with pytest.raises(ValueError, match=r"lacks hyper-parameter\(s\) \['beta'\]"): r.load_state_dict(sd)   # ...but RAdam reads `beta`
+    _unchanged(m, r, before)
+    sd['param_groups'] = [{**g, 'beta': 0.} for g in sd['param_groups']]
     r.load_state_dict(sd)
 
 def _mismatch(kind):
