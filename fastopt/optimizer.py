@@ -176,8 +176,10 @@ def _as_groups(params):
     try: params = list(params)
     except TypeError: raise TypeError(f"`params` must be an iterable of tensors, lists of tensors or dicts, got {type(params).__name__}") from None
     if len(params) == 0: raise ValueError("`params` is an empty list: the optimizer has no parameters to optimize")
+    named = list(map(_is_named, params))
+    if any(named) and not all(named): raise ValueError("`params` mixes named (name, tensor) pairs and bare tensors: name all or none")
     if all(isinstance(o, Mapping) for o in params): groups = [dict(o) for o in params]
-    elif all(map(_is_named, params)): groups = [{'params': params}]   # `model.named_parameters()`
+    elif all(named): groups = [{'params': params}]   # `model.named_parameters()`
     elif all(isinstance(o, (list, tuple, L)) for o in params): groups = [{'params': o} for o in params]
     elif any(isinstance(o, (Mapping, list, tuple, L)) for o in params):
         raise TypeError("`params` mixes tensors, lists and dicts; give a list of tensors, a list of lists, or a list of dicts")
