@@ -507,7 +507,17 @@ def _meta(self):
 
 def _state_dict(self):
     "torch's state dict (`state` by parameter index, `param_groups`) with a `fastopt` entry: optimizer type and callback names"
-    return {**torch.optim.Optimizer.state_dict(self), 'fastopt': self._meta()}
+    pre,post = self._optimizer_state_dict_pre_hooks,self._optimizer_state_dict_post_hooks
+    for hook in list(pre.values()): hook(self)
+    # torch's own body without its hooks, so that the post hooks see (and may replace) the whole dict, `fastopt` entry included
+    self._optimizer_state_dict_pre_hooks,self._optimizer_state_dict_post_hooks = type(pre)(),type(post)()
+    try: sd = torch.optim.Optimizer.state_dict(self)
+    finally: self._optimizer_state_dict_pre_hooks,self._optimizer_state_dict_post_hooks = pre,post
+    sd = {**sd, 'fastopt': self._meta()}
+    for hook in list(post.values()):
+        res = hook(self, sd)
+        if res is not None: sd = res
+    return sd
 
 def _check_meta(self, sd):
     "Raise if `sd` was saved by an optimizer of another type or with other callbacks"
@@ -604,6 +614,7 @@ def _load_state_dict(self,
 ):
     "Load a state dict in torch or fastai format; raises without changing anything if it does not fit"
     if not isinstance(sd, Mapping): raise TypeError(f"`state_dict` must be a dict, got {type(sd).__name__}")
+    sd = dict(sd)   # as torch: the hooks get a shallow copy, never the caller's dict
     for hook in getattr(self, '_optimizer_load_state_dict_pre_hooks', {}).values():
         res = hook(self, sd)
         if res is not None: sd = res
