@@ -179,6 +179,13 @@ def assert_close(a, b, engine, path='x'):
 def params_of(model): return [p.detach().clone() for p in model.parameters()]
 
 
+def assert_fused(opt, case):
+    "On the fused engine, the kernels took steps (Muon's chain is not fusable: its engine steps it eagerly, saying why)"
+    if opt.engine.name != 'fused': return
+    if case == 'Muon': assert opt.engine.failed
+    else: assert opt.engine.stepped['fused'] > 0 and opt.engine.failed is None
+
+
 # ---- the list of cases is the list of ready-made optimizers
 
 def test_every_ready_made_optimizer_is_covered():
@@ -222,6 +229,7 @@ def test_state_dict_deterministic(case, engine):
         o = build(case, m.parameters(), engine)
         train(m, o, steps=3)
         sds.append(o.state_dict())
+        assert_fused(o, case)
     assert same(sds[0], sds[1])
     assert list(sds[0]['state']) == sorted(sds[0]['state'])   # state by parameter index, in order
 
@@ -239,9 +247,11 @@ def test_resume_equals_uninterrupted(case, engine):
     m2.load_state_dict(saved_model)
     o2 = build(case, m2.parameters(), engine)
     o2.load_state_dict(saved_opt)
+    assert same(o2.state_dict(), saved_opt)
     train(m2, o2, steps=3, seed=2)
     assert_close(params_of(m1), params_of(m2), engine, 'params')
     assert_close(o1.state_dict(), o2.state_dict(), engine, 'state_dict')
+    assert_fused(o1, case); assert_fused(o2, case)
 
 
 # ---- 2. named and unnamed parameters load each other's state dicts
@@ -274,15 +284,32 @@ def test_named_and_unnamed_load_each_other(case, direction, engine):
     train(m1, o1, steps=2, seed=2)
     train(m2, o2, steps=2, seed=2)
     assert_close(params_of(m1), params_of(m2), engine, 'params')
+    assert_fused(o2, case)
+
+
+@pytest.mark.parametrize('case', cases(xfail={'Muon': XF_MUON_NAMES}))
+def test_named_parameters_give_one_name_per_param(case):
+    m = make_model()
+    o = build(case, m.named_parameters(), 'eager')
+    named = dict(m.named_parameters())
+    for g in o.param_groups:
+        assert len(g['param_names']) == len(g['params'])
+        assert all(named[n] is p for n, p in zip(g['param_names'], g['params']))
+    assert sorted(n for g in o.param_groups for n in g['param_names']) == sorted(named)
+    o.load_state_dict(o.state_dict())
 
 
 # ---- 3. weights_only loading
 
 @pytest.mark.parametrize('engine', ENGINES)
-@pytest.mark.parametrize('case', cases(xfail={'Muon': XF_MUON_NAMES}))
-def test_state_dict_loads_with_weights_only(case, engine):
+@pytest.mark.parametrize('case', cases())
+@pytest.mark.parametrize('lr', ['float-lr', 'tensor-lr'])
+def test_state_dict_loads_with_weights_only(case, lr, engine):
+    "Named parameters (`param_names` saved; not for Muon, see `XF_MUON_NAMES`), and a tensor lr in the groups"
+    lr = torch.tensor(LR) if lr == 'tensor-lr' else LR
+    params = (lambda m: m.parameters()) if case == 'Muon' else (lambda m: m.named_parameters())
     m = make_model()
-    o = build(case, m.named_parameters(), engine)
+    o = build(case, params(m), engine, lr=lr)
     train(m, o, steps=3)
     buf = io.BytesIO()
     torch.save(o.state_dict(), buf)
@@ -291,9 +318,11 @@ def test_state_dict_loads_with_weights_only(case, engine):
     assert same(sd, o.state_dict())
     m2 = make_model()
     m2.load_state_dict(m.state_dict())
-    o2 = build(case, m2.named_parameters(), engine)
+    o2 = build(case, params(m2), engine, lr=lr)
     o2.load_state_dict(sd)
     assert same(o2.state_dict(), o.state_dict())
+    train(m, o, steps=1); train(m2, o2, steps=1)
+    assert_close(params_of(m), params_of(m2), engine)
 
 
 # ---- 4. hooks
@@ -499,6 +528,7 @@ def _check_grads_unwritten(build, case, engine, kw):
         assert all(map(same, vals, [p.grad for p in m.parameters()]))
         assert [gr._version for gr in grads] == versions
         o.zero_grad()
+    assert_fused(o, case)
 
 
 # ---- 8. tensor learning rates
@@ -614,6 +644,7 @@ def test_schedulers_fused_steps_like_eager(case, sched):
         o = build(case, _two_groups(m), engine)
         train(m, o, steps=6, sched=SCHEDULERS[sched](o))
         res.append(params_of(m))
+        assert_fused(o, case)
     assert_close(res[0], res[1], 'fused', 'params')
 
 
