@@ -45,13 +45,14 @@ DELIBERATE_DIFFERENCES = {
                              "pair) and `weight_decay` are read/write aliases on `param_groups`/`defaults`, not stored keys.",
     'Adam defaults': "fastai's `Adam`: `wd=0.01` decoupled (AdamW), `eps=1e-5`, `sqr_mom=0.99`; torch's `Adam`: "
                      "`weight_decay=0` (L2), `eps=1e-8`, `betas=(0.9, 0.999)`.",
-    'weight decay kind': "fastai optimizers decay the weights (`decouple_wd=True`) by default; torch's `weight_decay` of "
-                         "SGD/Adam/RMSprop is L2 (fastopt: `decouple_wd=False`).",
+    'weight decay kind': "fastai's own optimizers (SGD, RMSProp, Adam, RAdam, QHAdam, Larc, Lamb) decay the weights "
+                         "(`decouple_wd=True`) by default; torch's `weight_decay` of SGD/Adam/RMSprop is L2 (fastopt: "
+                         "`decouple_wd=False`, the default of the zoo's NAdam, AMSGrad and Adamax, as in torch).",
     'bare tensor params': "a single tensor is accepted as `params`; torch raises TypeError.",
     'state dict extra key': "`state_dict()` has a top-level `fastopt` entry (optimizer type, callback names, skipped "
                             "steps); `load_state_dict` refuses a state dict saved with another type or callback chain.",
-    'Lookahead (ranger) slow weights': "like fastai's `Lookahead`, ranger keeps a slow copy of every parameter, also of "
-                                       "those without gradients (see the xfail of `test_no_grad_param_gets_no_state`).",
+    'lr required': "fastai's core optimizers (SGD, RMSProp, Adam, RAdam, QHAdam, Larc, Lamb, ...) have no default `lr`; "
+                   "torch's SGD and Adam default to `lr=1e-3`.",
 }
 
 LR = 1e-2
@@ -114,11 +115,11 @@ XF_SCHEDULE_FREE_TENSOR_LR = ("schedule_free_weights returns the lr tensor itsel
     "so the averaging weights (and the steps) differ from the float-lr run under the same scheduler")
 
 
-def cases(xfail=None, only=None):
+def cases(xfail=None):
     "The case ids as pytest params, with the `xfail` ones (id -> reason) marked strict"
     xfail = xfail or {}
     return [pytest.param(c, id=c, marks=[pytest.mark.xfail(strict=True, reason=xfail[c])] if c in xfail else [])
-            for c in (only or CASES)]
+            for c in CASES]
 
 
 def make_model(seed=0):
@@ -212,9 +213,13 @@ def test_deliberate_differences():
     assert (g['wd'], g['eps'], g['mom'], g['sqr_mom']) == (0.01, 1e-5, 0.9, 0.99)
     assert g['betas'] == (0.9, 0.99) and g['weight_decay'] == 0.01 and 'betas' not in dict.keys(g)
     assert opt.defaults['betas'] == (0.9, 0.99)
+    assert inspect.signature(fastopt.Adam).parameters['decouple_wd'].default is True
+    assert inspect.signature(fastopt.NAdam).parameters['decouple_wd'].default is False
     t = torch.zeros(3, requires_grad=True)
     assert fastopt.SGD(t, lr=LR).param_groups[0]['params'] == [t]
     with pytest.raises(TypeError): torch.optim.SGD(t, lr=LR)
+    assert inspect.signature(fastopt.SGD).parameters['lr'].default is inspect.Parameter.empty
+    assert inspect.signature(torch.optim.SGD).parameters['lr'].default == 1e-3
     assert 'fastopt' in opt.state_dict()
 
 
@@ -511,10 +516,10 @@ def test_zero_grads_no_wd_leave_params(case, engine):
 def test_step_never_writes_grads(case, engine):
     "With the default weight decay, and with `wd=1e-2` (L2 where the optimizer's default is `decouple_wd=False`)"
     for kw in ({}, WITH_WD[case]):
-        _check_grads_unwritten(build, case, engine, kw)
+        _check_grads_unwritten(case, engine, kw)
 
 
-def _check_grads_unwritten(build, case, engine, kw):
+def _check_grads_unwritten(case, engine, kw):
     m = make_model()
     o = build(case, m.parameters(), engine, **kw)
     g = torch.Generator().manual_seed(1)
