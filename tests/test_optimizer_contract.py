@@ -51,6 +51,9 @@ DELIBERATE_DIFFERENCES = {
     'bare tensor params': "a single tensor is accepted as `params`; torch raises TypeError.",
     'state dict extra key': "`state_dict()` has a top-level `fastopt` entry (optimizer type, callback names, skipped "
                             "steps); `load_state_dict` refuses a state dict saved with another type or callback chain.",
+    'state dtype on load': "`load_state_dict` keeps the saved state tensors' dtype (moving them to the parameter's "
+                           "device); torch casts floating-point state to the parameter's dtype. fastopt's `fp32_math` keeps "
+                           "fp32 state for bf16/fp16 weights on purpose, which a cast would undo.",
     'lr required': "fastai's core optimizers (SGD, RMSProp, Adam, RAdam, QHAdam, Larc, Lamb, ...) have no default `lr`; "
                    "torch's SGD and Adam default to `lr=1e-3`.",
 }
@@ -221,6 +224,12 @@ def test_deliberate_differences():
     assert inspect.signature(fastopt.SGD).parameters['lr'].default is inspect.Parameter.empty
     assert inspect.signature(torch.optim.SGD).parameters['lr'].default == 1e-3
     assert 'fastopt' in opt.state_dict()
+    # fp32 state loaded for fp64 parameters stays fp32 (torch: cast to fp64)
+    train(m, opt, steps=1)
+    m64 = make_model().double()
+    opt64 = fastopt.Adam(m64.parameters(), lr=LR)
+    opt64.load_state_dict(opt.state_dict())
+    assert opt64.state[m64[0].weight]['grad_avg'].dtype == torch.float32
 
 
 # ---- 1. state dicts: deterministic, and a resumed run equals the uninterrupted one
