@@ -14,7 +14,7 @@ from torch import Tensor
 from fastcore.basics import GetAttr
 from fastcore.meta import delegates
 from fastcore.foundation import L
-from .optimizer import Optimizer
+from .optimizer import Optimizer, _unhooked
 from .adaptive import RAdam
 
 # %% auto #0
@@ -51,19 +51,20 @@ class Lookahead(Optimizer, GetAttr):
 
     def step(self, closure=None):
         "Step the inner optimizer, then every `k` steps pull the slow weights towards the fast ones"
-        with torch.no_grad():
+        with torch.no_grad():   # a parameter gets slow weights with its first gradient, as torch's optimizers give state
             for g in self.param_groups:
                 for p in g['params']:
-                    if 'slow_weight' not in self.state[p]: self.state[p]['slow_weight'] = p.detach().clone()
+                    if p.grad is not None and 'slow_weight' not in self.state.get(p, {}): self.state[p]['slow_weight'] = p.detach().clone()
         skipped = self.opt.skipped_steps
-        loss = self.opt.step(closure)
+        loss = _unhooked(type(self.opt).step)(self.opt, closure)   # the step hooks run once: this optimizer's, not again the inner one's
         if self.opt.skipped_steps != skipped: return loss  # non-finite gradients: the inner step was skipped, so is this one
         self.count += 1
         if self.count % self.k == 0:
             with torch.no_grad():
                 for g in self.param_groups:
                     for p in g['params']:
-                        slow = self.state[p]['slow_weight']
+                        slow = self.state.get(p, {}).get('slow_weight')
+                        if slow is None: continue   # never had a gradient
                         slow.add_(p.detach() - slow, alpha=self.alpha)
                         p.copy_(slow)
         return loss
@@ -79,6 +80,7 @@ class Lookahead(Optimizer, GetAttr):
 
     def load_state_dict(self, sd):
         "Load a state dict from `state_dict` or from fastai's `Lookahead` (`count`, `slow_weights`); `sd` is not changed"
+        if isinstance(sd, dict): sd = dict(sd)   # the hooks get a shallow copy, as torch's
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             res = hook(self, sd)
             if res is not None: sd = res

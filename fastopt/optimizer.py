@@ -122,10 +122,10 @@ def _update(state:dict, new=None):
     return state
 
 def step_hypers(group) -> dict:
-    "A group's hyper-parameters for one step; a one-element tensor (`lr=torch.tensor([1e-3])`) as a 0-d view of itself"
+    "A group's hyper-parameters for one step; a one-element tensor (`lr=torch.tensor([1e-3])`) as the number it holds now"
     h = dict(Hypers(group))
     for k,v in h.items():
-        if isinstance(v, Tensor) and v.dim() and v.numel() == 1: h[k] = v.reshape(())   # a view: in-place writes still reach it
+        if isinstance(v, Tensor) and v.numel() == 1: h[k] = v.item()   # read at each step: a scheduler's in-place write counts
     return h
 
 def _step_eagerly(opt, hyper:dict, params):
@@ -159,6 +159,10 @@ def get_engine(engine=None):
     return engine
 
 # %% ../nbs/00_optimizer.ipynb #8a625f7b
+def _unhooked(step):
+    "`step` without the wrapper torch puts around an optimizer class's `step` to run the step hooks"
+    return getattr(step, '__wrapped__', step)
+
 def _cb_defaults(cb):
     "The `defaults` of a callback, looking through `functools.partial`"
     while cb is not None:

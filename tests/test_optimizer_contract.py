@@ -104,18 +104,6 @@ WITH_WD['Muon'] = dict(wd=1e-2, adam_wd=1e-2)
 # tests below do not depend on which optimizer a worker happens to build first
 fastopt.SGD([torch.zeros(1, requires_grad=True)], lr=LR)
 
-XF_SCHEDULE_FREE_HOOKS = ("ScheduleFreeOptimizer.step overrides Optimizer.step and calls super().step(): torch's "
-    "`_patch_step_function` wraps both classes' `step`, so every step pre/post hook (per optimizer and global) runs twice per step")
-XF_RANGER_GLOBAL = ("Lookahead.step calls the inner RAdam's `step`, which is hooked too: a global step hook runs twice per "
-    "ranger step, once with the Lookahead and once with the inner Optimizer")
-XF_RANGER_STATE = ("Lookahead.step creates `slow_weight` state for every parameter, also those whose `.grad` is None "
-    "(torch's optimizers skip them; fastai's Lookahead does the same)")
-XF_MUON_NAMES = ("Muon(model.named_parameters()) splits each group into 2-D and other parameters but copies the whole "
-    "group's `param_names` into both halves: each group has 4 names for 2 parameters, and its state dict is refused by "
-    "`load_state_dict` ('param_names must be one name (str) per parameter')")
-XF_SCHEDULE_FREE_TENSOR_LR = ("schedule_free_weights returns the lr tensor itself as state `sched_lr` and, through "
-    "`max(sched_lr, lr_max)`, as `lr_max`: a scheduler's in-place `fill_` of the lr also rewrites the remembered peak lr, "
-    "so the averaging weights (and the steps) differ from the float-lr run under the same scheduler")
 
 
 def cases(xfail=None):
@@ -272,7 +260,7 @@ def test_resume_equals_uninterrupted(case, engine):
 
 @pytest.mark.parametrize('engine', ENGINES)
 @pytest.mark.parametrize('direction', ['named-to-unnamed', 'unnamed-to-named'])
-@pytest.mark.parametrize('case', cases(xfail={'Muon': XF_MUON_NAMES}))
+@pytest.mark.parametrize('case', cases())
 def test_named_and_unnamed_load_each_other(case, direction, engine):
     src_named = direction == 'named-to-unnamed'
     m1 = make_model()
@@ -301,7 +289,7 @@ def test_named_and_unnamed_load_each_other(case, direction, engine):
     assert_fused(o2, case)
 
 
-@pytest.mark.parametrize('case', cases(xfail={'Muon': XF_MUON_NAMES}))
+@pytest.mark.parametrize('case', cases())
 def test_named_parameters_give_one_name_per_param(case):
     m = make_model()
     o = build(case, m.named_parameters(), 'eager')
@@ -319,9 +307,9 @@ def test_named_parameters_give_one_name_per_param(case):
 @pytest.mark.parametrize('case', cases())
 @pytest.mark.parametrize('lr', ['float-lr', 'tensor-lr'])
 def test_state_dict_loads_with_weights_only(case, lr, engine):
-    "Named parameters (`param_names` saved; not for Muon, see `XF_MUON_NAMES`), and a tensor lr in the groups"
+    "Named parameters (`param_names` saved), and a tensor lr in the groups"
     lr = torch.tensor(LR) if lr == 'tensor-lr' else LR
-    params = (lambda m: m.parameters()) if case == 'Muon' else (lambda m: m.named_parameters())
+    params = lambda m: m.named_parameters()
     m = make_model()
     o = build(case, params(m), engine, lr=lr)
     train(m, o, steps=3)
@@ -342,7 +330,7 @@ def test_state_dict_loads_with_weights_only(case, lr, engine):
 # ---- 4. hooks
 
 @pytest.mark.parametrize('engine', ENGINES)
-@pytest.mark.parametrize('case', cases(xfail={'ScheduleFreeAdamW': XF_SCHEDULE_FREE_HOOKS}))
+@pytest.mark.parametrize('case', cases())
 def test_step_hooks(case, engine):
     m = make_model()
     o = build(case, m.parameters(), engine)
@@ -360,7 +348,7 @@ def test_step_hooks(case, engine):
 
 
 @pytest.mark.parametrize('engine', ENGINES)
-@pytest.mark.parametrize('case', cases(xfail={'ScheduleFreeAdamW': XF_SCHEDULE_FREE_HOOKS}))
+@pytest.mark.parametrize('case', cases())
 def test_step_pre_hook_replaces_args(case, engine):
     "A pre hook returning `(args, kwargs)`: the step is called with them (here: a closure the caller did not give)"
     m = make_model()
@@ -383,7 +371,7 @@ def test_step_pre_hook_replaces_args(case, engine):
 
 
 @pytest.mark.parametrize('engine', ENGINES)
-@pytest.mark.parametrize('case', cases(xfail={'ScheduleFreeAdamW': XF_SCHEDULE_FREE_HOOKS, 'ranger': XF_RANGER_GLOBAL}))
+@pytest.mark.parametrize('case', cases())
 def test_global_step_hooks(case, engine):
     m = make_model()
     o = build(case, m.parameters(), engine)
@@ -453,9 +441,6 @@ def test_load_state_dict_hooks(case, engine):
     assert calls == [] and [g['lr'] for g in o2.param_groups] == [LR] * n
 
 
-@pytest.mark.xfail(strict=True, reason="Optimizer.state_dict runs torch's post hooks inside torch.optim.Optimizer.state_dict "
-    "and then adds the `fastopt` entry to what they returned: a post hook never sees the dict `state_dict()` returns, "
-    "and the dict a post hook returns is not returned as is")
 def test_state_dict_post_hook_has_the_last_word():
     "torch: the dict a state_dict post hook returns is the one `state_dict()` returns"
     o = fastopt.Adam(make_model().parameters(), lr=LR)
@@ -463,8 +448,6 @@ def test_state_dict_post_hook_has_the_last_word():
     assert list(o.state_dict()) == ['wrapped']
 
 
-@pytest.mark.xfail(strict=True, reason="Optimizer.load_state_dict hands the caller's dict itself to the load_state_dict pre "
-    "hooks; torch documents (and passes) a shallow copy, so a hook that edits its argument in place changes the caller's dict")
 def test_load_state_dict_pre_hook_gets_a_shallow_copy():
     m = make_model()
     o = fastopt.Adam(m.parameters(), lr=LR)
@@ -496,7 +479,7 @@ def test_no_grad_param_untouched(case, engine):
 
 
 @pytest.mark.parametrize('engine', ENGINES)
-@pytest.mark.parametrize('case', cases(xfail={'ranger': XF_RANGER_STATE}))
+@pytest.mark.parametrize('case', cases())
 def test_no_grad_param_gets_no_state(case, engine):
     m, o, frozen, before = _grad_less(case, engine)
     assert frozen not in o.state
@@ -567,7 +550,7 @@ def test_tensor_lr_steps_like_float(case, engine):
 
 @pytest.mark.parametrize('engine', ENGINES)
 @pytest.mark.parametrize('sched', ['StepLR', 'LambdaLR'])
-@pytest.mark.parametrize('case', cases(xfail={'ScheduleFreeAdamW': XF_SCHEDULE_FREE_TENSOR_LR}))
+@pytest.mark.parametrize('case', cases())
 def test_scheduler_writes_tensor_lr_in_place(case, sched, engine):
     make = {'StepLR': partial(lr_scheduler.StepLR, step_size=1, gamma=0.3),
             'LambdaLR': partial(lr_scheduler.LambdaLR, lr_lambda=lambda e: 1 / (1 + 2 * e))}[sched]
