@@ -117,10 +117,14 @@ def Muon(
     adam_hp = dict(lr=lr if adam_lr is None else adam_lr, mom=adam_mom, sqr_mom=adam_sqr_mom, eps=adam_eps, wd=adam_wd)
     groups = []
     for g in _as_groups(params):
-        hp = {k:v for k,v in g.items() if k != 'params'}  # a group's own hypers apply to both halves
-        mats,rest = [p for p in g['params'] if is_matrix(p)],[p for p in g['params'] if not is_matrix(p)]
-        if mats: groups.append({**muon_hp, **hp, 'params': mats})
-        if rest: groups.append({**muon_hp, **adam_hp, **hp, 'params': rest})
+        hp = {k:v for k,v in g.items() if k not in ('params', 'param_names')}  # a group's own hypers apply to both halves
+        names = g.get('param_names')
+        for keep,extra in ((is_matrix, {}), (lambda p: not is_matrix(p), adam_hp)):
+            idx = [i for i,p in enumerate(g['params']) if keep(p)]
+            if not idx: continue
+            half = {**muon_hp, **extra, **hp, 'params': [g['params'][i] for i in idx]}
+            if names is not None: half['param_names'] = [names[i] for i in idx]   # each half names its own parameters
+            groups.append(half)
     adamw = [weight_decay, partial(average_grad, dampening=True), average_sqr_grad, step_stat, adam_step]
     cbs = [branch(is_matrix, [weight_decay, muon_step], adamw)]
     return Optimizer(groups, cbs, **muon_hp, sqr_mom=adam_sqr_mom)

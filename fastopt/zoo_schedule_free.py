@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from numbers import Real
 import torch
 from torch import Tensor
-from .optimizer import Optimizer, hyper_checks, _real_in, _is_bool, _lazy_fastai
+from .optimizer import Optimizer, hyper_checks, _real_in, _is_bool, _lazy_fastai, _unhooked
 from .adaptive import average_sqr_grad, step_stat
 
 # %% auto #0
@@ -78,7 +78,7 @@ class ScheduleFreeOptimizer(Optimizer):
         "A schedule-free step; raises if the optimizer is in eval mode"
         bad = [i for i,g in enumerate(self.param_groups) if not g['train_mode']]
         if bad: raise RuntimeError(f"Schedule-free optimizer is in eval mode (param groups {bad}): call `opt.train()` before `step`")
-        return super().step(closure)
+        return _unhooked(Optimizer.step)(self, closure)   # the step hooks run once, around this `step`
 
 # %% ../nbs/42_schedule_free.ipynb #82eae9ae
 def ScheduleFreeAdamW(
