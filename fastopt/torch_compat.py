@@ -209,7 +209,7 @@ def _fastopt_group(opt, g, mine, i, kind):
             if not isinstance(v, (tuple, list)) or len(v) != len(to): raise ValueError(f"torch.optim.{kind} group {i}: `{k}` must be a pair, got {v!r}")
             new.update(zip(to, v))
         elif to is not None: new[to] = v
-        elif k in args: raise ValueError(f"Cannot load torch.optim.{kind} group {i}: its `{k}` is not a {kind} setting fastopt maps, "
+        elif k in args: raise ValueError(f"Cannot load torch.optim.{kind} group {i}: its `{k}` is no setting of torch's {kind} that fastopt maps, "
                                          f"and this optimizer's callbacks read an argument `{k}`")
         else: new[k] = v  # not torch's math (a scheduler's `initial_lr`, a user's tag): kept as is
     return {**new, 'params': list(g['params'])}
