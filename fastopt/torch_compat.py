@@ -6,13 +6,16 @@ Docs: https://fastopt.github.io/fastopt/torch.html.md"""
 
 # %% ../nbs/20_torch.ipynb #3a7902aa
 from __future__ import annotations
-import os, tempfile
+import inspect, os, tempfile
 from collections.abc import Mapping
+from functools import partial
 import torch
-from torch import nn
+from torch import nn, Tensor
+from .optimizer import _cb_name
 
 # %% auto #0
-__all__ = ['save_checkpoint', 'load_checkpoint']
+__all__ = ['torch_optims', 'torch_chains', 'wd_callbacks', 'state_numbers', 'save_checkpoint', 'load_checkpoint',
+           'from_torch_state_dict']
 
 # %% ../nbs/20_torch.ipynb #c30d3b7b
 def _state(o): return o.state_dict() if hasattr(o, 'state_dict') else o
@@ -64,3 +67,184 @@ def load_checkpoint(path, # File written by `save_checkpoint` (or `torch.save` o
     if opt is not None: opt.load_state_dict(ckpt['optimizer'])  # checks everything before changing anything
     if model is not None: model.load_state_dict(ckpt['model'])
     return ckpt
+
+# %% ../nbs/20_torch.ipynb #9532955d
+_impl_flags = {'foreach', 'fused', 'capturable', 'differentiable'}  # how torch computes a step, not what it computes
+
+torch_optims = {  # the torch.optim classes whose checkpoints fastopt reads: how to tell them, and their names in fastai's terms
+    'SGD':     dict(marks={'dampening', 'nesterov'}, decoupled=False,
+                    hypers={'lr': 'lr', 'momentum': 'mom', 'weight_decay': 'wd'},
+                    state={'momentum_buffer': 'grad_avg'},
+                    flags={'dampening': 0, 'nesterov': False, 'maximize': False}),
+    'RMSprop': dict(marks={'alpha', 'centered'}, decoupled=False,
+                    hypers={'lr': 'lr', 'alpha': 'sqr_mom', 'eps': 'eps', 'momentum': 'mom', 'weight_decay': 'wd'},
+                    state={'square_avg': 'sqr_avg', 'momentum_buffer': 'grad_avg', 'grad_avg': 'grad_mean',
+                           'step': None},  # torch counts steps but its RMSprop never reads the count
+                    flags={'centered': False, 'maximize': False}),
+    'NAdam':   dict(marks={'momentum_decay'}, decoupled='decoupled_weight_decay',
+                    hypers={'lr': 'lr', 'betas': ('mom', 'sqr_mom'), 'eps': 'eps', 'weight_decay': 'wd', 'momentum_decay': 'mom_decay'},
+                    state={'exp_avg': 'grad_avg', 'exp_avg_sq': 'sqr_avg', 'step': 'step', 'mu_product': 'mu_product'},
+                    flags={'maximize': False}),
+    'Adam':    dict(marks={'betas', 'amsgrad'}, decoupled='decoupled_weight_decay',  # AdamW saves `decoupled_weight_decay=True`
+                    hypers={'lr': 'lr', 'betas': ('mom', 'sqr_mom'), 'eps': 'eps', 'weight_decay': 'wd'},
+                    state={'exp_avg': 'grad_avg', 'exp_avg_sq': 'sqr_avg', 'max_exp_avg_sq': 'max_sqr_avg', 'step': 'step'},
+                    flags={'amsgrad': False, 'maximize': False}),
+    'RAdam':   dict(marks={'betas', 'decoupled_weight_decay'}, decoupled='decoupled_weight_decay',
+                    hypers={'lr': 'lr', 'betas': ('mom', 'sqr_mom'), 'eps': 'eps', 'weight_decay': 'wd'},
+                    state={'exp_avg': 'grad_avg', 'exp_avg_sq': 'sqr_avg', 'step': 'step'},
+                    flags={'maximize': False}),
+    'Adamax':  dict(marks={'betas'}, decoupled=False,
+                    hypers={'lr': 'lr', 'betas': ('mom', 'sqr_mom'), 'eps': 'eps', 'weight_decay': 'wd'},
+                    state={'exp_avg': 'grad_avg', 'exp_inf': 'inf_avg', 'step': 'step'},
+                    flags={'maximize': False}),
+}
+
+_rms_mom = (0, "torch's RMSprop averages `grad/(sqrt(square_avg)+eps)` into its momentum buffer, fastopt's `average_grad` "
+               "averages the raw gradient and `rms_prop_step` divides afterwards: they step differently")
+_no_mom  = (0, "this optimizer has no momentum callback (build it with `mom` > 0)")
+_adam    = ('average_grad(dampening=True)', 'average_sqr_grad', 'step_stat')
+
+torch_chains = [  # fastopt callback chains (weight decay aside) that step as a torch.optim class does, and the state they keep
+    dict(torch='Adam',    cbs=(*_adam, 'adam_step'), state={'grad_avg', 'sqr_avg', 'step'}),
+    dict(torch='Adam',    cbs=(*_adam, 'amsgrad_sqr_avg', 'amsgrad_step'), state={'grad_avg', 'sqr_avg', 'max_sqr_avg', 'step'},
+         flags={'amsgrad': True}),
+    dict(torch='NAdam',   cbs=(*_adam, 'nadam_step'), state={'grad_avg', 'sqr_avg', 'step', 'mu_product'}),
+    dict(torch='Adamax',  cbs=('average_grad(dampening=True)', 'average_inf_grad', 'step_stat', 'adamax_step'),
+         state={'grad_avg', 'inf_avg', 'step'}),
+    dict(torch='SGD',     cbs=('average_grad', 'momentum_step'), state={'grad_avg'}),
+    dict(torch='SGD',     cbs=('sgd_step',), state=set(), fixed={'momentum': _no_mom}),
+    dict(torch='RMSprop', cbs=('average_sqr_grad', 'rms_prop_step'), state={'sqr_avg'}, fixed={'momentum': _rms_mom}),
+    dict(torch='RMSprop', cbs=('average_grad', 'average_sqr_grad', 'rms_prop_step'), state={'grad_avg', 'sqr_avg'},
+         fixed={'momentum': _rms_mom}),
+    dict(torch='RMSprop', cbs=('average_sqr_grad', 'average_centred_grad', 'centred_rms_prop_step'), state={'sqr_avg', 'grad_mean'},
+         flags={'centered': True}, fixed={'momentum': _rms_mom}),
+    dict(torch='RMSprop', cbs=('average_grad', 'average_sqr_grad', 'average_centred_grad', 'centred_rms_prop_step'),
+         state={'grad_avg', 'sqr_avg', 'grad_mean'}, flags={'centered': True}, fixed={'momentum': _rms_mom}),
+]
+
+wd_callbacks = {'weight_decay': True, 'l2_reg': False}  # weight-decay callback: decoupled (AdamW) or L2 (added to the gradient)
+state_numbers = {'step': int, 'mu_product': float}     # state torch keeps in 0-d tensors and fastopt in python numbers
+
+# %% ../nbs/20_torch.ipynb #e1e8f238
+def _cb_key(cb) -> str:
+    "A callback's name with the keywords a `partial` fixes, which change its math: 'average_grad(dampening=True)'"
+    kws = {}
+    while isinstance(cb, partial): kws,cb = {**cb.keywords, **kws},cb.func
+    args = ', '.join(f'{k}={v!r}' for k,v in sorted(kws.items()))
+    return _cb_name(cb) + (f'({args})' if args else '')
+
+def _cb_args(cbs) -> set:
+    "Every argument name the callbacks `cbs` read"
+    names = set()
+    for cb in cbs:
+        try: names |= set(inspect.signature(cb).parameters)
+        except (TypeError, ValueError): pass
+    return names
+
+def _torch_kind(groups) -> str:
+    "The `torch_optims` name of the class that saved `groups`, told by the keys only it has"
+    kinds = []
+    for g in groups:
+        k = next((n for n,o in torch_optims.items() if o['marks'] <= set(g)), None)
+        if k is None: raise ValueError(f"Cannot load this torch.optim state dict: its group keys {sorted(k for k in g if k != 'params')} "
+                                       f"are not those of a class fastopt maps ({', '.join(torch_optims)})")
+        kinds.append(k)
+    if len(set(kinds)) > 1: raise ValueError(f"Cannot load this torch.optim state dict: its groups look saved by different classes {kinds}")
+    return kinds[0]
+
+def _torch_chain(opt, kind):
+    "Split `opt.cbs` into its leading weight-decay callbacks and the rest; the `torch_chains` entry for the rest"
+    keys = [_cb_key(cb) for cb in opt.cbs]
+    n = next((i for i,k in enumerate(keys) if k not in wd_callbacks), len(keys))
+    wd,rest = keys[:n],tuple(keys[n:])
+    chain = next((c for c in torch_chains if c['torch'] == kind and tuple(c['cbs']) == rest), None)
+    if chain is None:
+        known = [list(c['cbs']) for c in torch_chains if c['torch'] == kind] or 'none'
+        raise ValueError(f"Cannot load a torch.optim.{kind} state dict into an optimizer with callbacks {keys}: fastopt knows "
+                         f"torch's {kind} math only in the chains {known} (after a weight-decay callback)")
+    return wd,chain
+
+# %% ../nbs/20_torch.ipynb #a72fdc3c
+def _as_number(name, v, kind, idx):
+    "A 0-d state tensor torch keeps (`step`, `mu_product`) as the python number fastopt keeps, exactly"
+    to = state_numbers[name]
+    if isinstance(v, Tensor):
+        if v.numel() != 1: raise ValueError(f"torch.optim.{kind} state `{name}` of parameter {idx} must hold one number, got shape {tuple(v.shape)}")
+        v = v.item()
+    if to is int:
+        if not float(v).is_integer() or v < 0: raise ValueError(f"torch.optim.{kind} state `step` of parameter {idx} must be a whole count >= 0, got {v!r}")
+        return int(v)
+    return to(v)
+
+def _check_group(opt, g, i, kind, chain, wd_cbs):
+    "Raise a `ValueError` naming the first setting of torch group `g` (index `i`) that this optimizer's callbacks do not redo"
+    spec,what = torch_optims[kind],f"torch.optim.{kind} group {i}"
+    cbs = [_cb_key(cb) for cb in opt.cbs]
+    for k,want in {**spec['flags'], **chain.get('flags', {})}.items():
+        v = g.get(k, spec['flags'][k])
+        if v != want: raise ValueError(f"Cannot load {what}: it has `{k}={v!r}`, this optimizer's callbacks {cbs} step as `{k}={want!r}`")
+    for k,(want,why) in chain.get('fixed', {}).items():
+        v = g.get(k, want)
+        if v != want: raise ValueError(f"Cannot load {what}: it has `{k}={v!r}` and {why}")
+    wd = g.get('weight_decay', 0)
+    if wd == 0: return
+    decoupled = spec['decoupled'] if isinstance(spec['decoupled'], bool) else g.get(spec['decoupled'])
+    if decoupled is None:
+        raise ValueError(f"Cannot load {what}: `weight_decay={wd!r}` without `{spec['decoupled']}` (saved by an older torch) may be "
+                         f"decoupled (AdamW) or L2 (Adam); set `{spec['decoupled']}` in its groups to say which")
+    if not wd_cbs: raise ValueError(f"Cannot load {what}: it has `weight_decay={wd!r}` and this optimizer has no weight-decay callback")
+    if wd_callbacks[wd_cbs[0]] != bool(decoupled):
+        kinds = {True: 'decoupled (p -= lr*wd*p, callback `weight_decay`)', False: 'L2 (grad += wd*p, callback `l2_reg`)'}
+        raise ValueError(f"Cannot load {what}: its `weight_decay={wd!r}` is {kinds[bool(decoupled)]}, this optimizer's is "
+                         f"{kinds[wd_callbacks[wd_cbs[0]]]}: build it with `decouple_wd={bool(decoupled)}`")
+
+def _fastopt_group(opt, g, mine, i, kind):
+    "Torch group `g` in fastopt's names: the hypers torch sets, renamed; `mine`'s other hypers kept"
+    spec,args = torch_optims[kind],_cb_args(opt.cbs)
+    new = {k: v for k,v in dict.items(mine) if k != 'params'}
+    for k,v in g.items():
+        if k == 'params' or k in _impl_flags or k in spec['flags'] or k == spec['decoupled']: continue
+        to = spec['hypers'].get(k)
+        if isinstance(to, tuple):
+            if not isinstance(v, (tuple, list)) or len(v) != len(to): raise ValueError(f"torch.optim.{kind} group {i}: `{k}` must be a pair, got {v!r}")
+            new.update(zip(to, v))
+        elif to is not None: new[to] = v
+        elif k in args: raise ValueError(f"Cannot load torch.optim.{kind} group {i}: its `{k}` is no setting of torch's {kind} that fastopt maps, "
+                                         f"and this optimizer's callbacks read an argument `{k}`")
+        else: new[k] = v  # not torch's math (a scheduler's `initial_lr`, a user's tag): kept as is
+    return {**new, 'params': list(g['params'])}
+
+def _fastopt_state(opt, st, idx, p, kind, chain):
+    "Torch state `st` of parameter `idx` in fastopt's names, with the state `opt` keeps through `clear_state` (`do_wd`...)"
+    spec = torch_optims[kind]
+    new = {k: v for k,v in opt.state.get(p, {}).items() if k in opt._keep_on_clear} if p is not None else {}
+    if not isinstance(st, Mapping): raise TypeError(f"`state_dict` state for parameter {idx} must be a dict, got {type(st).__name__}")
+    for k,v in st.items():
+        if v is None: continue  # older torch's SGD keeps `momentum_buffer=None` without momentum
+        if k not in spec['state']: raise ValueError(f"Cannot load torch.optim.{kind} state `{k}` of parameter {idx}: not a {kind} state fastopt maps")
+        to = spec['state'][k]
+        if to is None: continue
+        if to not in chain['state']:
+            raise ValueError(f"Cannot load torch.optim.{kind} state `{k}` of parameter {idx}: this optimizer's callbacks keep no `{to}` "
+                             f"(they keep {sorted(chain['state'])})")
+        new[to] = _as_number(to, v, kind, idx) if to in state_numbers else v
+    return new
+
+def from_torch_state_dict(opt, # The fastopt `Optimizer` to load into (not changed)
+                          sd:dict, # A state dict saved by a `torch.optim` optimizer (not changed)
+                         ) -> dict:
+    "`sd` in `opt`'s own names, for `opt.load_state_dict`; raises a `ValueError` naming what torch's optimizer does that `opt` does not"
+    groups = sd['param_groups']
+    if len(groups) != len(opt.param_groups):
+        raise ValueError(f"`state_dict` has {len(groups)} parameter groups, the optimizer has {len(opt.param_groups)}")
+    for i,(g,mine) in enumerate(zip(groups, opt.param_groups)):
+        if not isinstance(g, Mapping) or 'params' not in g: raise ValueError(f"`state_dict` group {i} must be a dict with `params`")
+        if len(g['params']) != len(mine['params']):
+            raise ValueError(f"`state_dict` group {i} has {len(g['params'])} parameters, the optimizer's has {len(mine['params'])}")
+    kind = _torch_kind(groups)
+    wd_cbs,chain = _torch_chain(opt, kind)
+    for i,g in enumerate(groups): _check_group(opt, g, i, kind, chain, wd_cbs)
+    new_groups = [_fastopt_group(opt, g, mine, i, kind) for i,(g,mine) in enumerate(zip(groups, opt.param_groups))]
+    idx2p = {k: p for g,mine in zip(groups, opt.param_groups) for k,p in zip(g['params'], mine['params'])}
+    state = {k: _fastopt_state(opt, st, k, idx2p.get(k), kind, chain) for k,st in sd['state'].items()}
+    return {'state': state, 'param_groups': new_groups}
