@@ -3,7 +3,7 @@ import inspect
 from copy import deepcopy
 import pytest, torch
 from torch import nn
-import fastopt
+import fastopt, fastopt.demo
 from fastopt import optim
 
 def make_model(seed=0):
@@ -118,7 +118,8 @@ P = lambda: [nn.Parameter(torch.ones(4))]
 
 def chain(opt):
     "The callbacks' names, with a `partial`'s keywords (two partials, or two of Muon's branches, are never `==`)"
-    return [(getattr(c, '__name__', None) or c.func.__name__, getattr(c, 'keywords', None)) for c in opt.cbs]
+    name = lambda c: getattr(c, '__name__', None) or getattr(getattr(c, 'func', None), '__name__', None) or type(c).__name__
+    return [(name(c), getattr(c, 'keywords', None)) for c in opt.cbs]
 SAME = [
     (fastopt.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.1), dict(lr=0.1, mom=0.9, wd=0.1)),
     (fastopt.RMSProp, dict(lr=0.1, alpha=0.9, momentum=0.5, weight_decay=0.1), dict(lr=0.1, sqr_mom=0.9, mom=0.5, wd=0.1)),
@@ -138,6 +139,13 @@ SAME = [
     (fastopt.Muon, dict(momentum=0.9, weight_decay=0.05), dict(mom=0.9, wd=0.05)),
     (fastopt.LambPaper, dict(betas=(0.8, 0.9), weight_decay=0.1), dict(mom=0.8, sqr_mom=0.9, wd=0.1)),
     (fastopt.LambTimm, dict(betas=(0.8, 0.9), weight_decay=0.1), dict(mom=0.8, sqr_mom=0.9, wd=0.1)),
+    (fastopt.DebiasedAdam, dict(lr=0.1, betas=(0.8, 0.9), weight_decay=0.1), dict(lr=0.1, mom=0.8, sqr_mom=0.9, wd=0.1)),
+    (fastopt.CentredRMSProp, dict(lr=0.1, alpha=0.9, momentum=0.5), dict(lr=0.1, sqr_mom=0.9, mom=0.5)),
+    (fastopt.GuardedAdam, dict(lr=0.1, betas=(0.8, 0.9), weight_decay=0.1), dict(lr=0.1, mom=0.8, sqr_mom=0.9, wd=0.1)),
+    (fastopt.AdamWKahan, dict(lr=0.1, betas=(0.8, 0.9), weight_decay=0.1), dict(lr=0.1, mom=0.8, sqr_mom=0.9, wd=0.1)),
+    (fastopt.PerExampleAdam, dict(lr=0.1, betas=(0.8, 0.9), weight_decay=0.1), dict(lr=0.1, mom=0.8, sqr_mom=0.9, wd=0.1)),
+    (fastopt.PerExampleRMSProp, dict(lr=0.1, alpha=0.9, weight_decay=0.1), dict(lr=0.1, sqr_mom=0.9, wd=0.1)),
+    (fastopt.demo.Signum, dict(lr=0.1, momentum=0.8, weight_decay=0.1), dict(lr=0.1, mom=0.8, wd=0.1)),
 ]
 
 @pytest.mark.parametrize('f,torch_kw,fastai_kw', SAME, ids=[f.__name__ for f,_,_ in SAME])
