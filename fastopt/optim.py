@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from functools import partial
 import torch
 from torch import Tensor
-from .optimizer import Optimizer, hyper_checks, _is_bool
+from .optimizer import Optimizer, hyper_checks, _is_bool, _real_in
 from .sgd import weight_decay, l2_reg, average_grad
 from .adaptive import average_sqr_grad, step_stat, num_sqrt
 from .stability import amsgrad_sqr_avg
@@ -103,6 +103,11 @@ def _engine(foreach=None, fused=None, capturable=False, differentiable=False):
     if fused not in (None, False, True): raise TypeError(f"`fused` must be None or a bool, got {fused!r}")
     return 'fused' if fused else None
 
+def _decay_cb(decoupled_weight_decay):
+    "The weight decay callback: `weight_decay` (decoupled) or `l2_reg` (added to the gradient)"
+    _is_bool('decoupled_weight_decay', decoupled_weight_decay)
+    return weight_decay if decoupled_weight_decay else l2_reg
+
 def _renamed(params, **names):
     "`params` with torch's hyper-parameter names in its group dicts replaced by fastai's (`names`: torch's → fastai's)"
     if isinstance(params, Tensor): return params
@@ -117,7 +122,6 @@ def _renamed(params, **names):
         return g
     return [_rename(g) for g in params]
 
-_decay = {False: l2_reg, True: weight_decay}   # by `decoupled_weight_decay`
 _avg_grad = partial(average_grad, dampening=True)
 
 # %% ../nbs/06_optim.ipynb #c374e422
@@ -138,7 +142,7 @@ def Adam(
 ) -> Optimizer:
     "torch's `Adam`, from fastopt callbacks"
     engine = _engine(foreach, fused, capturable, differentiable)
-    cbs = [maximize_grad, _decay[bool(decoupled_weight_decay)], _avg_grad, average_sqr_grad, step_stat, max_sqr_grad, torch_adam_step]
+    cbs = [maximize_grad, _decay_cb(decoupled_weight_decay), _avg_grad, average_sqr_grad, step_stat, max_sqr_grad, torch_adam_step]
     return Optimizer(params, cbs, engine, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
 
 # %% ../nbs/06_optim.ipynb #de872869
@@ -176,7 +180,8 @@ def SGD(
 ) -> Optimizer:
     "torch's `SGD`, from fastopt callbacks"
     engine = _engine(foreach, fused, False, differentiable)
-    if nesterov and (momentum <= 0 or dampening != 0): raise ValueError(f"Nesterov momentum requires a momentum and zero dampening, got momentum={momentum!r}, dampening={dampening!r}")
+    _real_in(0)('momentum', momentum); _real_in()('dampening', dampening); _is_bool('nesterov', nesterov)
+    if nesterov and (momentum == 0 or dampening != 0): raise ValueError(f"Nesterov momentum requires a momentum and zero dampening, got momentum={momentum!r}, dampening={dampening!r}")
     cbs = [maximize_grad, l2_reg, sgd_momentum, torch_sgd_step]
     return Optimizer(params, cbs, engine, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                      nesterov=nesterov, maximize=maximize)
@@ -217,7 +222,7 @@ def RAdam(
 ) -> Optimizer:
     "torch's `RAdam`, from fastopt callbacks"
     engine = _engine(foreach, None, capturable, differentiable)
-    cbs = [maximize_grad, _decay[bool(decoupled_weight_decay)], _avg_grad, average_sqr_grad, step_stat, torch_radam_step]
+    cbs = [maximize_grad, _decay_cb(decoupled_weight_decay), _avg_grad, average_sqr_grad, step_stat, torch_radam_step]
     return Optimizer(params, cbs, engine, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
 
 # %% ../nbs/06_optim.ipynb #5a255203
@@ -237,7 +242,7 @@ def NAdam(
 ) -> Optimizer:
     "torch's `NAdam`, from fastopt callbacks"
     engine = _engine(foreach, None, capturable, differentiable)
-    cbs = [maximize_grad, _decay[bool(decoupled_weight_decay)], _avg_grad, average_sqr_grad, step_stat, nadam_step]
+    cbs = [maximize_grad, _decay_cb(decoupled_weight_decay), _avg_grad, average_sqr_grad, step_stat, nadam_step]
     return Optimizer(_renamed(params, momentum_decay='mom_decay'), cbs, engine, lr=lr, betas=betas, eps=eps,
                      weight_decay=weight_decay, mom_decay=momentum_decay, maximize=maximize)
 
