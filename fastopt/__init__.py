@@ -24,6 +24,7 @@ from .zoo import *
 from .precision import *
 from .bias_correction import *
 from .fused import *
+from . import optim  # torch's signatures and defaults, as `fastopt.optim.Adam`; its names would shadow fastai's above, so not `*`
 
 # fastai's callbacks are built on first use (see `_lazy_fastai` in `fastopt.optimizer`), so that `import fastopt` does
 # not import fastai, which takes a second or more. `from .x import *` would build them, so these modules' other names
@@ -34,5 +35,5 @@ from .optimizer import _lazy_fastai
 _mods = (batch_size, stability, zoo_schedule_free, per_example, optim_stats)
 _lazy = {n: _partial(getattr, m, n) for m in _mods for n in m.__getattr__.names}
 globals().update({n: getattr(m, n) for m in _mods for n in m.__all__ if n not in _lazy})
-__all__ = [n for n in globals() if not n.startswith('_')] + list(_lazy)  # `from fastopt import *`, as before
+__all__ = [n for n in globals() if not n.startswith('_') and n != 'optim'] + list(_lazy)  # `from fastopt import *`, as before
 __getattr__,__dir__ = _lazy_fastai(globals(), **_lazy)  # without fastai it takes them out of `__all__`

@@ -13,7 +13,7 @@ from numbers import Real
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from .optimizer import Optimizer
+from .optimizer import Optimizer, accepts_torch_names
 from .sgd import weight_decay, l2_reg, average_grad
 
 # %% auto #0
@@ -39,6 +39,7 @@ def rms_prop_step(p, lr, sqr_avg, eps, grad_avg=None, **kwargs):
 rms_prop_step.defaults = dict(eps=1e-8)
 
 # %% ../nbs/02_adaptive.ipynb #0faab40e
+@accepts_torch_names(alpha='sqr_mom')
 def RMSProp(
     params:Tensor|Iterable, # Model parameters
     lr:float|slice, # Default learning rate
@@ -80,6 +81,7 @@ def adam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, **kwargs):
 adam_step.defaults = dict(eps=1e-5)
 
 # %% ../nbs/02_adaptive.ipynb #fd0823b8
+@accepts_torch_names
 def Adam(
     params:Tensor|Iterable, # Model parameters
     lr:float|slice, # Default learning rate
@@ -113,6 +115,7 @@ def radam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, beta, **kwargs
 radam_step.defaults = dict(eps=1e-5, beta=0.)
 
 # %% ../nbs/02_adaptive.ipynb #0bfa8a6e
+@accepts_torch_names
 def RAdam(
     params:Tensor|Iterable, # Model parameters
     lr:float|slice, # Default learning rate
@@ -141,6 +144,7 @@ def qhadam_step(p, lr, mom, sqr_mom, sqr_avg, nu_1, nu_2, step, grad_avg, eps, *
 qhadam_step.defaults = dict(eps=1e-8)
 
 # %% ../nbs/02_adaptive.ipynb #f4af60bd
+@accepts_torch_names
 def QHAdam(
     params:Tensor|Iterable, # Model parameters
     lr:float|slice, # Default learning rate

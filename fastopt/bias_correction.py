@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from numbers import Real
 import torch
 from torch import Tensor
-from .optimizer import Optimizer, hyper_checks, _real_in
+from .optimizer import Optimizer, hyper_checks, _real_in, accepts_torch_names
 from .sgd import weight_decay, l2_reg, average_grad
 from .adaptive import average_sqr_grad, step_stat, rms_prop_step
 
@@ -72,6 +72,7 @@ average_grad_min_n = _fix(average_grad_debiased, 'min_n', 'average_grad_min_n', 
 average_sqr_grad_min_n = _fix(average_sqr_grad_debiased, 'min_n', 'average_sqr_grad_min_n', "Running average of the squared grads of `p` with weight 1/min(N, t), N = 1/(1-sqr_mom)")
 
 # %% ../nbs/32_bias_correction.ipynb #06ae5009
+@accepts_torch_names
 def DebiasedAdam(
     params:Tensor|Iterable, # Model parameters
     lr:float|slice, # Default learning rate
@@ -119,6 +120,7 @@ def centred_rms_prop_step(p, lr, sqr_avg, grad_mean, eps, grad_avg=None, **kwarg
 centred_rms_prop_step.defaults = dict(eps=1e-8)
 
 # %% ../nbs/32_bias_correction.ipynb #8ae244c2
+@accepts_torch_names(alpha='sqr_mom')
 def CentredRMSProp(
     params:Tensor|Iterable, # Model parameters
     lr:float|slice, # Default learning rate

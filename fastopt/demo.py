@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 import fastopt
-from .optimizer import Optimizer, _needs, _lazy_fastai
+from .optimizer import Optimizer, _needs, _lazy_fastai, accepts_torch_names
 from .sgd import SGD, weight_decay, average_grad
 from .adaptive import RMSProp, Adam, RAdam
 from .layerwise import Lamb
@@ -61,6 +61,7 @@ def sign_step(p, lr, grad_avg, **kwargs):
     p.data.add_(grad_avg.sign(), alpha=-lr)
 
 # %% ../nbs/90_demo.ipynb #4741882d
+@accepts_torch_names
 def Signum(
     params, # Model parameters
     lr:float, # Default learning rate

@@ -133,18 +133,26 @@ def symbol_table(lib='fastopt') -> dict:
     import importlib
     try: d = importlib.import_module(f'{lib}._modidx').d
     except ImportError: return {}
-    res = {}
+    res, cands = {}, {}
     for mod, syms in d['syms'].items():
         page = None
         for full, (url, _) in syms.items():
             name = full[len(mod)+1:]
             page = url.split('#')[0]
-            res[name] = f"{page}#{name}"
+            cands.setdefault(name, []).append((mod, f"{page}#{name}"))
         # the fastai callbacks a module defines on first use (`_lazy_fastai`) are not top-level code nbdev indexes
         try: lazy = getattr(getattr(importlib.import_module(mod), '__getattr__', None), 'names', ())
         except ImportError: lazy = ()
         for name in lazy:
             if page: res.setdefault(name, f"{page}#{name}")
+    # a name two modules define (`Adam`: fastai's and `fastopt.optim`'s) links to the one `import lib` gives;
+    # each is also reachable by its module's name (`optim.Adam`); `vars`, so no lazy name gets built
+    top = vars(importlib.import_module(lib))
+    for name, cs in cands.items():
+        owner = getattr(top.get(name.split('.')[0]), '__module__', None)
+        res[name] = next((link for mod,link in cs if mod == owner), cs[-1][1])
+        if len(cs) > 1:
+            for mod,link in cs: res.setdefault(f"{mod.rsplit('.', 1)[-1]}.{name}", link)
     return res
 
 def link_symbols(md:str, syms:dict) -> str:

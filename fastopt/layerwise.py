@@ -11,7 +11,7 @@ from functools import partial
 from numbers import Real
 import torch
 from torch import Tensor
-from .optimizer import Optimizer
+from .optimizer import Optimizer, accepts_torch_names
 from .sgd import weight_decay, l2_reg, average_grad
 from .adaptive import average_sqr_grad, step_stat, debias
 
@@ -33,6 +33,7 @@ def larc_step(p, local_lr, grad_avg=None, **kwargs):
     p.data.sub_((p.grad.data if grad_avg is None else grad_avg) * local_lr)
 
 # %% ../nbs/03_layerwise.ipynb #c8840437
+@accepts_torch_names
 def Larc(
     params:Tensor|Iterable, # Model parameters
     lr:float|slice, # Default learning rate
@@ -64,6 +65,7 @@ def lamb_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, **kwargs):
 lamb_step.defaults = dict(eps=1e-6, wd=0.)
 
 # %% ../nbs/03_layerwise.ipynb #838043aa
+@accepts_torch_names
 def Lamb(
     params:Tensor|Iterable, # Model parameters
     lr:float|slice, # Default learning rate

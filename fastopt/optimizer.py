@@ -19,7 +19,7 @@ from fastcore.basics import even_mults, store_attr, GetAttr, range_of
 
 # %% auto #0
 __all__ = ['hyper_checks', 'engines', 'default_engine', 'check_hyper', 'ParamGroup', 'Hypers', 'step_hypers', 'EagerEngine',
-           'get_engine', 'Optimizer', 'all_finite']
+           'get_engine', 'Optimizer', 'all_finite', 'accepts_torch_names']
 
 # %% ../nbs/00_optimizer.ipynb #3c0bb6dd
 def _is_real(v):
@@ -671,3 +671,41 @@ def _lazy_fastai(g:dict, **factories):
     def __dir__(): return sorted({*g, *factories})
     __getattr__.names = tuple(factories)
     return __getattr__, __dir__
+
+# %% ../nbs/00_optimizer.ipynb #7bce68c2
+import functools, inspect
+from typing import Annotated
+
+_torch_twins = {'betas': ('mom', 'sqr_mom'), 'momentum': ('mom',), 'weight_decay': ('wd',)}
+
+def accepts_torch_names(f=None, **aliases):
+    "Decorator: ready-made optimizer `f` also takes torch's keyword names (`betas`, `momentum`, `weight_decay`, and `aliases`) for fastai's"
+    if f is None: return partial(accepts_torch_names, **aliases)
+    sig = inspect.signature(f)
+    twins = {k: (v,) if isinstance(v, str) else tuple(v) for k,v in {**_torch_twins, **aliases}.items()}
+    # only the aliases whose fastai twins `f` takes, and that `f` does not already take under that name
+    twins = {k:v for k,v in twins.items() if k not in sig.parameters and all(n in sig.parameters for n in v)}
+
+    @functools.wraps(f)
+    def _f(*args, **kwargs):
+        given = {k: kwargs.pop(k) for k in twins if kwargs.get(k) is not None}
+        for k in twins: kwargs.pop(k, None)   # a torch name passed as `None` means "not given"
+        named = sig.bind_partial(*args, **kwargs).arguments
+        for k,v in given.items():
+            names = twins[k]
+            both = [n for n in names if n in named]
+            if both: raise ValueError(f"{f.__name__} got both `{k}` and `{both[0]}`: they name the same hyper-parameter, pass one")
+            if len(names) == 1: kwargs[names[0]] = v
+            elif isinstance(v, (tuple, list)) and len(v) == len(names): kwargs.update(zip(names, v))
+            else: raise TypeError(f"`{k}` must be a sequence of {len(names)} numbers ({', '.join(names)}), got {v!r}")
+        return f(*args, **kwargs)
+
+    ps = list(sig.parameters.values())
+    def _alias(k, names):   # `Annotated` carries the line `show_doc` prints next to the parameter
+        anno = Annotated[tuple|None, f"torch's name for ({', '.join(names)})"] if len(names) > 1 else Annotated[float|None, f"torch's name for `{names[0]}`"]
+        return inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=anno)
+    extra = [_alias(k, v) for k,v in twins.items()]
+    at = next((i for i,p in enumerate(ps) if p.kind == inspect.Parameter.VAR_KEYWORD), len(ps))
+    _f.__signature__ = sig.replace(parameters=ps[:at] + extra + ps[at:])
+    _f.torch_names = twins
+    return _f

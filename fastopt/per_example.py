@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .optimizer import Optimizer, _lazy_fastai
+from .optimizer import Optimizer, _lazy_fastai, accepts_torch_names
 from .sgd import weight_decay, l2_reg, average_grad
 from .adaptive import step_stat, adam_step, rms_prop_step
 
@@ -173,6 +173,7 @@ def average_per_example_sqr_grad(p, sqr_mom, dampening=True, sqr_avg=None, **kwa
 average_per_example_sqr_grad.defaults = dict(sqr_mom=0.99)
 
 # %% ../nbs/30_per_example.ipynb #ebb565a1
+@accepts_torch_names
 def PerExampleAdam(
     params:Tensor|Iterable, # Model parameters (their layers need `PerExampleSqrGrads` hooks)
     lr:float|slice, # Default learning rate
@@ -187,6 +188,7 @@ def PerExampleAdam(
     cbs += [partial(average_grad, dampening=True), average_per_example_sqr_grad, step_stat, adam_step]
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
+@accepts_torch_names(alpha='sqr_mom')
 def PerExampleRMSProp(
     params:Tensor|Iterable, # Model parameters (their layers need `PerExampleSqrGrads` hooks)
     lr:float|slice, # Default learning rate

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, MutableSequence
 from numbers import Real
 import torch
 from torch import Tensor
-from .optimizer import Optimizer, _cb_defaults, _update
+from .optimizer import Optimizer, _cb_defaults, _update, accepts_torch_names
 from .adaptive import Adam
 from .lookahead import Lookahead
 
@@ -78,6 +78,7 @@ def fp32_math(
     return opt
 
 # %% ../nbs/22_precision.ipynb #cf31f058
+@accepts_torch_names
 def AdamWKahan(
     params:Tensor|Iterable, # Model parameters
     lr:float|slice, # Default learning rate

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from numbers import Real
 import torch
 from torch import Tensor
-from .optimizer import Optimizer
+from .optimizer import Optimizer, accepts_torch_names
 
 # %% auto #0
 __all__ = ['tst_param', 'sgd_step', 'weight_decay', 'l2_reg', 'average_grad', 'momentum_step', 'SGD']
@@ -57,6 +57,7 @@ def momentum_step(p, lr, grad_avg, **kwargs):
     p.data.add_(grad_avg, alpha=-lr)
 
 # %% ../nbs/01_sgd.ipynb #bcdbdf2d
+@accepts_torch_names
 def SGD(
     params:Tensor|Iterable, # Model parameters
     lr:float|slice, # Default learning rate

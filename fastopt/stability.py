@@ -13,7 +13,7 @@ from copy import deepcopy
 from functools import partial
 from numbers import Integral, Real
 import torch
-from .optimizer import Optimizer, hyper_checks, _real_in, _is_bool, _lazy_fastai
+from .optimizer import Optimizer, hyper_checks, _real_in, _is_bool, _lazy_fastai, accepts_torch_names
 from .sgd import weight_decay, l2_reg, average_grad
 from .adaptive import average_sqr_grad, step_stat, debias
 from .smooth import SmoothLoss
@@ -80,6 +80,7 @@ def guarded_adam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, v_floor
 guarded_adam_step.defaults = dict(eps=1e-5, v_floor_ratio=1e-2, v_floor_mom=0.9999)
 
 # %% ../nbs/34_epsilon.ipynb #b473fb63
+@accepts_torch_names
 def GuardedAdam(
     params, # Model parameters
     lr:float|slice, # Default learning rate

@@ -11,7 +11,7 @@ from functools import partial
 from numbers import Real
 import torch
 from torch import Tensor
-from .optimizer import Optimizer, hyper_checks, _real_in
+from .optimizer import Optimizer, hyper_checks, _real_in, accepts_torch_names
 from .sgd import weight_decay, l2_reg, average_grad
 from .adaptive import average_sqr_grad, step_stat, debias, adam_step
 from .stability import amsgrad_sqr_avg
@@ -41,6 +41,7 @@ nadam_step.defaults = dict(mom_decay=4e-3, eps=1e-8)
 hyper_checks['mom_decay'] = _real_in(0)
 
 # %% ../nbs/41_adam_variants.ipynb #19d547e1
+@accepts_torch_names(momentum_decay='mom_decay')
 def NAdam(
     params:Tensor|Iterable, # Model parameters
     lr:float|slice=2e-3, # Default learning rate
@@ -60,6 +61,7 @@ def amsgrad_step(p, max_sqr_avg, **kwargs):
     return adam_step(p, **{**kwargs, 'sqr_avg': max_sqr_avg})
 
 # %% ../nbs/41_adam_variants.ipynb #768c71a5
+@accepts_torch_names
 def AMSGrad(
     params:Tensor|Iterable, # Model parameters
     lr:float|slice=1e-3, # Default learning rate
@@ -86,6 +88,7 @@ def adamax_step(p, lr, mom, step, grad_avg, inf_avg, **kwargs):
     p.data.addcdiv_(grad_avg, inf_avg, value=-lr / (1 - mom**step))
 
 # %% ../nbs/41_adam_variants.ipynb #5c68f58c
+@accepts_torch_names
 def Adamax(
     params:Tensor|Iterable, # Model parameters
     lr:float|slice=2e-3, # Default learning rate
@@ -111,6 +114,7 @@ def stable_adamw_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, wd, do_
 stable_adamw_step.defaults = dict(eps=1e-6, wd=1e-2)
 
 # %% ../nbs/41_adam_variants.ipynb #9f9fe041
+@accepts_torch_names
 def StableAdamW(
     params:Tensor|Iterable, # Model parameters
     lr:float|slice, # Default learning rate
@@ -160,6 +164,7 @@ def kahan_adam_step(p, lr, eps, grad_avg, sqr_avg, kahan_comp=None, **kwargs):
 kahan_adam_step.defaults = dict(eps=1e-6)
 
 # %% ../nbs/41_adam_variants.ipynb #989b9cec
+@accepts_torch_names
 def KahanAdamW(
     params:Tensor|Iterable, # Model parameters
     lr:float|slice, # Default learning rate

@@ -12,7 +12,7 @@ from numbers import Real
 import math
 import torch
 from torch import Tensor
-from .optimizer import Optimizer, hyper_checks, _real_in, _is_bool
+from .optimizer import Optimizer, hyper_checks, _real_in, _is_bool, accepts_torch_names
 from .sgd import weight_decay, l2_reg, average_grad
 from .adaptive import average_sqr_grad, step_stat, num_sqrt
 from .layerwise import lamb_step, Lamb
@@ -34,6 +34,7 @@ lamb_paper_step.defaults = dict(max_w_norm=10., eps=1e-6, wd=0.)
 hyper_checks['max_w_norm'] = _real_in(0, lo_open=True)
 
 # %% ../nbs/44_lamb_variants.ipynb #4a566ff9
+@accepts_torch_names
 def LambPaper(
     params:Tensor|Iterable, # Model parameters
     lr:float|slice=1e-3, # Default learning rate
@@ -70,6 +71,7 @@ lamb_timm_step.defaults = dict(eps=1e-6, wd=0.01, trust_clip=False, always_adapt
 hyper_checks.update(trust_clip=_is_bool, always_adapt=_is_bool, bias_correction=_is_bool)
 
 # %% ../nbs/44_lamb_variants.ipynb #428f266d
+@accepts_torch_names
 def LambTimm(
     params:Tensor|Iterable, # Model parameters
     lr:float|slice=1e-3, # Default learning rate

@@ -12,7 +12,7 @@ from numbers import Real
 import math
 import torch
 from torch import Tensor
-from .optimizer import Optimizer, hyper_checks, _real_in
+from .optimizer import Optimizer, hyper_checks, _real_in, accepts_torch_names
 from .sgd import weight_decay, l2_reg, average_grad
 from .adaptive import average_sqr_grad, step_stat, debias, num_sqrt
 
@@ -35,6 +35,7 @@ def lion_momentum(p, sqr_mom, grad_avg, **kwargs):
 lion_momentum.defaults = dict(sqr_mom=0.99)
 
 # %% ../nbs/40_lion_adan.ipynb #7d3435ef
+@accepts_torch_names
 def Lion(
     params:Tensor|Iterable, # Model parameters
     lr:float|slice=1e-4, # Default learning rate
@@ -82,6 +83,7 @@ prox_weight_decay.defaults = dict(wd=0.)
 hyper_checks['diff_mom'] = _real_in(0, 1, hi_open=True)
 
 # %% ../nbs/40_lion_adan.ipynb #5893f047
+@accepts_torch_names(betas=('mom', 'diff_mom', 'sqr_mom'))
 def Adan(
     params:Tensor|Iterable, # Model parameters
     lr:float|slice=1e-3, # Default learning rate

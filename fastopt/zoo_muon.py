@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 from fastcore.foundation import L
-from .optimizer import Optimizer, hyper_checks, _real_in, _is_real, _as_groups, _cb_defaults, _is_bool
+from .optimizer import Optimizer, hyper_checks, _real_in, _is_real, _as_groups, _cb_defaults, _is_bool, accepts_torch_names
 from .sgd import weight_decay, average_grad
 from .adaptive import average_sqr_grad, step_stat, adam_step
 
@@ -95,6 +95,7 @@ def _check_adjust_lr_fn(name, v):
 hyper_checks.update(nesterov=_is_bool, ns_steps=_check_ns_steps, ns_coefficients=_check_ns_coefficients, adjust_lr_fn=_check_adjust_lr_fn)
 
 # %% ../nbs/43_muon.ipynb #21fedc2c
+@accepts_torch_names
 def Muon(
     params:Tensor|Iterable, # Model parameters (2-D ones get Muon, the others AdamW)
     lr:float|slice=1e-3, # Learning rate

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from numbers import Real
 import torch
 from torch import Tensor
-from .optimizer import Optimizer, hyper_checks, _real_in, _is_bool, _lazy_fastai, _unhooked
+from .optimizer import Optimizer, hyper_checks, _real_in, _is_bool, _lazy_fastai, _unhooked, accepts_torch_names
 from .adaptive import average_sqr_grad, step_stat
 
 # %% auto #0
@@ -81,6 +81,7 @@ class ScheduleFreeOptimizer(Optimizer):
         return _unhooked(Optimizer.step)(self, closure)   # the step hooks run once, around this `step`
 
 # %% ../nbs/42_schedule_free.ipynb #82eae9ae
+@accepts_torch_names
 def ScheduleFreeAdamW(
     params:Tensor|Iterable, # Model parameters
     lr:float|slice=0.0025, # Default learning rate
