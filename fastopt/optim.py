@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from functools import partial
 import torch
 from torch import Tensor
-from .optimizer import Optimizer, hyper_checks, _is_bool, _real_in
+from .optimizer import Optimizer, hyper_checks, _is_bool, _real_in, named_optimizer
 from .sgd import weight_decay, l2_reg, average_grad
 from .adaptive import average_sqr_grad, step_stat, num_sqrt
 from .stability import amsgrad_sqr_avg
@@ -23,7 +23,7 @@ __all__ = ['maximize_grad', 'sgd_momentum', 'torch_sgd_step', 'max_sqr_grad', 't
 # %% ../nbs/06_optim.ipynb #ae29ddd5
 def maximize_grad(p, maximize=False, **kwargs):
     "Flip the sign of `p.grad` when `maximize`, so the step climbs the objective"
-    if maximize: p.grad.data.neg_()
+    if maximize: p.grad = p.grad.data.neg()   # a new tensor: the engines give `p` its own gradient back after the step
 
 maximize_grad.defaults = dict(maximize=False)
 hyper_checks.update(maximize=_is_bool, amsgrad=_is_bool, centered=_is_bool, nesterov=_is_bool)
@@ -125,6 +125,7 @@ def _renamed(params, **names):
 _avg_grad = partial(average_grad, dampening=True)
 
 # %% ../nbs/06_optim.ipynb #c374e422
+@named_optimizer
 def Adam(
     params:Tensor|Iterable, # Model parameters, or torch-style param group dicts
     lr:float|Tensor=1e-3, # Learning rate
@@ -146,6 +147,7 @@ def Adam(
     return Optimizer(params, cbs, engine, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
 
 # %% ../nbs/06_optim.ipynb #de872869
+@named_optimizer
 def AdamW(
     params:Tensor|Iterable, # Model parameters, or torch-style param group dicts
     lr:float|Tensor=1e-3, # Learning rate
@@ -165,6 +167,7 @@ def AdamW(
                 differentiable=differentiable, fused=fused, decoupled_weight_decay=True)
 
 # %% ../nbs/06_optim.ipynb #c4fd43c9
+@named_optimizer
 def SGD(
     params:Tensor|Iterable, # Model parameters, or torch-style param group dicts
     lr:float|Tensor=1e-3, # Learning rate
@@ -187,6 +190,7 @@ def SGD(
                      nesterov=nesterov, maximize=maximize)
 
 # %% ../nbs/06_optim.ipynb #ce07df3a
+@named_optimizer
 def RMSprop(
     params:Tensor|Iterable, # Model parameters, or torch-style param group dicts
     lr:float|Tensor=1e-2, # Learning rate
@@ -207,6 +211,7 @@ def RMSprop(
                      momentum=momentum, centered=centered, maximize=maximize)
 
 # %% ../nbs/06_optim.ipynb #50d317ae
+@named_optimizer
 def RAdam(
     params:Tensor|Iterable, # Model parameters, or torch-style param group dicts
     lr:float|Tensor=1e-3, # Learning rate
@@ -226,6 +231,7 @@ def RAdam(
     return Optimizer(params, cbs, engine, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
 
 # %% ../nbs/06_optim.ipynb #5a255203
+@named_optimizer
 def NAdam(
     params:Tensor|Iterable, # Model parameters, or torch-style param group dicts
     lr:float|Tensor=2e-3, # Learning rate
@@ -247,6 +253,7 @@ def NAdam(
                      weight_decay=weight_decay, mom_decay=momentum_decay, maximize=maximize)
 
 # %% ../nbs/06_optim.ipynb #94fb7d2d
+@named_optimizer
 def Adamax(
     params:Tensor|Iterable, # Model parameters, or torch-style param group dicts
     lr:float|Tensor=2e-3, # Learning rate

@@ -19,7 +19,7 @@ from fastcore.basics import even_mults, store_attr, GetAttr, range_of
 
 # %% auto #0
 __all__ = ['hyper_checks', 'engines', 'default_engine', 'check_hyper', 'ParamGroup', 'Hypers', 'step_hypers', 'EagerEngine',
-           'get_engine', 'Optimizer', 'all_finite', 'accepts_torch_names']
+           'get_engine', 'Optimizer', 'all_finite', 'named_optimizer', 'accepts_torch_names']
 
 # %% ../nbs/00_optimizer.ipynb #3c0bb6dd
 def _is_real(v):
@@ -678,6 +678,17 @@ from typing import Annotated
 
 _torch_twins = {'betas': ('mom', 'sqr_mom'), 'momentum': ('mom',), 'weight_decay': ('wd',)}
 
+def _named(name, opt):
+    "`opt`, named `name` for its `repr` (torch prints `AdamW (`); the outermost ready-made optimizer names it"
+    if isinstance(opt, torch.optim.Optimizer): opt.name = name
+    return opt
+
+def named_optimizer(f):
+    "Decorator: the optimizer ready-made optimizer `f` returns is named after `f` (what `repr` shows)"
+    @functools.wraps(f)
+    def _f(*args, **kwargs): return _named(f.__name__, f(*args, **kwargs))
+    return _f
+
 def accepts_torch_names(f=None, **aliases):
     "Decorator: ready-made optimizer `f` also takes torch's keyword names (`betas`, `momentum`, `weight_decay`, and `aliases`) for fastai's"
     if f is None: return partial(accepts_torch_names, **aliases)
@@ -698,7 +709,7 @@ def accepts_torch_names(f=None, **aliases):
             if len(names) == 1: kwargs[names[0]] = v
             elif isinstance(v, (tuple, list)) and len(v) == len(names): kwargs.update(zip(names, v))
             else: raise TypeError(f"`{k}` must be a sequence of {len(names)} numbers ({', '.join(names)}), got {v!r}")
-        return f(*args, **kwargs)
+        return _named(f.__name__, f(*args, **kwargs))
 
     ps = list(sig.parameters.values())
     def _alias(k, names):   # `Annotated` carries the line `show_doc` prints next to the parameter
