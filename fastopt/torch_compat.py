@@ -103,8 +103,8 @@ _rms_mom = (0, "torch's RMSprop averages `grad/(sqrt(square_avg)+eps)` into its 
                "averages the raw gradient and `rms_prop_step` divides afterwards: they step differently")
 _no_mom  = (0, "this optimizer has no momentum callback (build it with `mom` > 0)")
 _adam    = ('average_grad(dampening=True)', 'average_sqr_grad', 'step_stat')
-_optim   = dict(lead=('maximize_grad',), decouple_arg='decoupled_weight_decay')  # `fastopt.optim`'s chains: `maximize` flips
-                                                                              # the gradient ahead of the weight decay
+# `fastopt.optim`'s chains: `maximize` flips the gradient ahead of the weight decay, which its constructors' argument picks
+_optim   = dict(lead=('maximize_grad',), decouple_arg='decoupled_weight_decay')
 
 torch_chains = [  # fastopt callback chains (weight decay aside) that step as a torch.optim class does, and the state they keep
     dict(torch='Adam',    cbs=(*_adam, 'adam_step'), state={'grad_avg', 'sqr_avg', 'step'}),
