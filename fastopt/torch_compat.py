@@ -103,6 +103,8 @@ _rms_mom = (0, "torch's RMSprop averages `grad/(sqrt(square_avg)+eps)` into its 
                "averages the raw gradient and `rms_prop_step` divides afterwards: they step differently")
 _no_mom  = (0, "this optimizer has no momentum callback (build it with `mom` > 0)")
 _adam    = ('average_grad(dampening=True)', 'average_sqr_grad', 'step_stat')
+# `fastopt.optim`'s chains: `maximize` flips the gradient ahead of the weight decay, which its constructors' argument picks
+_optim   = dict(lead=('maximize_grad',), decouple_arg='decoupled_weight_decay')
 
 torch_chains = [  # fastopt callback chains (weight decay aside) that step as a torch.optim class does, and the state they keep
     dict(torch='Adam',    cbs=(*_adam, 'adam_step'), state={'grad_avg', 'sqr_avg', 'step'}),
@@ -120,6 +122,19 @@ torch_chains = [  # fastopt callback chains (weight decay aside) that step as a 
          flags={'centered': True}, fixed={'momentum': _rms_mom}),
     dict(torch='RMSprop', cbs=('average_grad', 'average_sqr_grad', 'average_centred_grad', 'centred_rms_prop_step'),
          state={'grad_avg', 'sqr_avg', 'grad_mean'}, flags={'centered': True}, fixed={'momentum': _rms_mom}),
+    # `fastopt.optim`: torch's flags are hypers of the group (`hyper_flags`), any value loads and is kept
+    dict(torch='Adam',    cbs=(*_adam, 'max_sqr_grad', 'torch_adam_step'), state={'grad_avg', 'sqr_avg', 'max_sqr_avg', 'step'},
+         hyper_flags={'amsgrad', 'maximize'}, **_optim),
+    dict(torch='RAdam',   cbs=(*_adam, 'torch_radam_step'), state={'grad_avg', 'sqr_avg', 'step'}, hyper_flags={'maximize'}, **_optim),
+    dict(torch='NAdam',   cbs=(*_adam, 'nadam_step'), state={'grad_avg', 'sqr_avg', 'step', 'mu_product'},
+         hyper_flags={'maximize'}, **_optim),
+    dict(torch='Adamax',  cbs=('average_grad(dampening=True)', 'average_inf_grad', 'step_stat', 'adamax_step'),
+         state={'grad_avg', 'inf_avg', 'step'}, hyper_flags={'maximize'}, **_optim),
+    dict(torch='SGD',     cbs=('sgd_momentum', 'torch_sgd_step'), state={'grad_avg'},
+         hyper_flags={'dampening', 'nesterov', 'maximize'}, **_optim),
+    dict(torch='RMSprop', cbs=('average_sqr_grad', 'step_stat', 'centered_grad_avg', 'torch_rmsprop_step'),
+         state={'sqr_avg', 'step', 'grad_avg', 'step_avg'}, hyper_flags={'centered', 'maximize'},
+         renames={'momentum_buffer': 'step_avg', 'grad_avg': 'grad_avg', 'step': 'step'}, **_optim),  # its buffer averages the steps
 ]
 
 wd_callbacks = {'weight_decay': True, 'l2_reg': False}  # weight-decay callback: decoupled (AdamW) or L2 (added to the gradient)
@@ -152,17 +167,23 @@ def _torch_kind(groups) -> str:
     if len(set(kinds)) > 1: raise ValueError(f"Cannot load this torch.optim state dict: its groups look saved by different classes {kinds}")
     return kinds[0]
 
-def _torch_chain(opt, kind):
-    "Split `opt.cbs` into its leading weight-decay callbacks and the rest; the `torch_chains` entry for the rest"
-    keys = [_cb_key(cb) for cb in opt.cbs]
+def _split_wd(keys, lead):
+    "The weight-decay callbacks after the `lead` callbacks of `keys`, and the callbacks after them (None if `lead` differs)"
+    if tuple(keys[:len(lead)]) != tuple(lead): return None,None
+    keys = keys[len(lead):]
     n = next((i for i,k in enumerate(keys) if k not in wd_callbacks), len(keys))
-    wd,rest = keys[:n],tuple(keys[n:])
-    chain = next((c for c in torch_chains if c['torch'] == kind and tuple(c['cbs']) == rest), None)
-    if chain is None:
-        known = [list(c['cbs']) for c in torch_chains if c['torch'] == kind] or 'none'
-        raise ValueError(f"Cannot load a torch.optim.{kind} state dict into an optimizer with callbacks {keys}: fastopt knows "
-                         f"torch's {kind} math only in the chains {known} (after a weight-decay callback)")
-    return wd,chain
+    return keys[:n],tuple(keys[n:])
+
+def _torch_chain(opt, kind):
+    "The weight-decay callbacks of `opt.cbs`, and the `torch_chains` entry for its other callbacks"
+    keys = [_cb_key(cb) for cb in opt.cbs]
+    for c in torch_chains:
+        if c['torch'] != kind: continue
+        wd,rest = _split_wd(keys, c.get('lead', ()))
+        if rest == tuple(c['cbs']): return wd,c
+    known = [[*c.get('lead', ()), *c['cbs']] for c in torch_chains if c['torch'] == kind] or 'none'
+    raise ValueError(f"Cannot load a torch.optim.{kind} state dict into an optimizer with callbacks {keys}: fastopt knows "
+                     f"torch's {kind} math only in the chains {known} (with a weight-decay callback ahead of the math)")
 
 # %% ../nbs/20_torch.ipynb #a72fdc3c
 def _as_number(name, v, kind, idx):
@@ -181,6 +202,7 @@ def _check_group(opt, g, i, kind, chain, wd_cbs):
     spec,what = torch_optims[kind],f"torch.optim.{kind} group {i}"
     cbs = [_cb_key(cb) for cb in opt.cbs]
     for k,want in {**spec['flags'], **chain.get('flags', {})}.items():
+        if k in chain.get('hyper_flags', ()): continue  # the callbacks read it from the group: any value steps as torch
         v = g.get(k, spec['flags'][k])
         if v != want: raise ValueError(f"Cannot load {what}: it has `{k}={v!r}`, this optimizer's callbacks {cbs} step as `{k}={want!r}`")
     for k,(want,why) in chain.get('fixed', {}).items():
@@ -196,12 +218,13 @@ def _check_group(opt, g, i, kind, chain, wd_cbs):
     if wd_callbacks[wd_cbs[0]] != bool(decoupled):
         kinds = {True: 'decoupled (p -= lr*wd*p, callback `weight_decay`)', False: 'L2 (grad += wd*p, callback `l2_reg`)'}
         raise ValueError(f"Cannot load {what}: its `weight_decay={wd!r}` is {kinds[bool(decoupled)]}, this optimizer's is "
-                         f"{kinds[wd_callbacks[wd_cbs[0]]]}: build it with `decouple_wd={bool(decoupled)}`")
+                         f"{kinds[wd_callbacks[wd_cbs[0]]]}: build it with `{chain.get('decouple_arg', 'decouple_wd')}={bool(decoupled)}`")
 
-def _fastopt_group(opt, g, mine, i, kind):
-    "Torch group `g` in fastopt's names: the hypers torch sets, renamed; `mine`'s other hypers kept"
+def _fastopt_group(opt, g, mine, i, kind, chain):
+    "Torch group `g` in fastopt's names: the hypers torch sets, renamed, and the flags `chain` reads; `mine`'s other hypers kept"
     spec,args = torch_optims[kind],_cb_args(opt.cbs)
     new = {k: v for k,v in dict.items(mine) if k != 'params'}
+    new.update({k: g.get(k, spec['flags'][k]) for k in chain.get('hyper_flags', ())})  # an older torch's missing flag: its value then
     for k,v in g.items():
         if k == 'params' or k in _impl_flags or k in spec['flags'] or k == spec['decoupled']: continue
         to = spec['hypers'].get(k)
@@ -216,13 +239,13 @@ def _fastopt_group(opt, g, mine, i, kind):
 
 def _fastopt_state(opt, st, idx, p, kind, chain):
     "Torch state `st` of parameter `idx` in fastopt's names, with the state `opt` keeps through `clear_state` (`do_wd`...)"
-    spec = torch_optims[kind]
+    names = {**torch_optims[kind]['state'], **chain.get('renames', {})}
     new = {k: v for k,v in opt.state.get(p, {}).items() if k in opt._keep_on_clear} if p is not None else {}
     if not isinstance(st, Mapping): raise TypeError(f"`state_dict` state for parameter {idx} must be a dict, got {type(st).__name__}")
     for k,v in st.items():
         if v is None: continue  # older torch's SGD keeps `momentum_buffer=None` without momentum
-        if k not in spec['state']: raise ValueError(f"Cannot load torch.optim.{kind} state `{k}` of parameter {idx}: not a {kind} state fastopt maps")
-        to = spec['state'][k]
+        if k not in names: raise ValueError(f"Cannot load torch.optim.{kind} state `{k}` of parameter {idx}: not a {kind} state fastopt maps")
+        to = names[k]
         if to is None: continue
         if to not in chain['state']:
             raise ValueError(f"Cannot load torch.optim.{kind} state `{k}` of parameter {idx}: this optimizer's callbacks keep no `{to}` "
@@ -244,7 +267,7 @@ def from_torch_state_dict(opt, # The fastopt `Optimizer` to load into (not chang
     kind = _torch_kind(groups)
     wd_cbs,chain = _torch_chain(opt, kind)
     for i,g in enumerate(groups): _check_group(opt, g, i, kind, chain, wd_cbs)
-    new_groups = [_fastopt_group(opt, g, mine, i, kind) for i,(g,mine) in enumerate(zip(groups, opt.param_groups))]
+    new_groups = [_fastopt_group(opt, g, mine, i, kind, chain) for i,(g,mine) in enumerate(zip(groups, opt.param_groups))]
     idx2p = {k: p for g,mine in zip(groups, opt.param_groups) for k,p in zip(g['params'], mine['params'])}
     state = {k: _fastopt_state(opt, st, k, idx2p.get(k), kind, chain) for k,st in sd['state'].items()}
     return {'state': state, 'param_groups': new_groups}

@@ -88,9 +88,9 @@ RESUME = {  # name: (torch optimizer on groups, fastopt optimizer on groups (hyp
 }
 
 
-def resume(name, engine, through_file, dtype=torch.float32, n_before=5, n_after=100):
+def resume(name, engine, through_file, dtype=torch.float32, n_before=5, n_after=100, cases=RESUME):
     "torch trains `n_before` steps and saves; its copy and a fastopt optimizer loaded from the save train `n_after` more"
-    torch_fn, ours_fn = RESUME[name]
+    torch_fn, ours_fn = cases[name]
     ps = make_params(dtype=dtype)
     topt = torch_fn(torch_groups(ps))
     gs = grads(n_before + n_after, dtype=dtype)
@@ -111,14 +111,85 @@ def resume(name, engine, through_file, dtype=torch.float32, n_before=5, n_after=
     return ps, ours_ps, topt, ours
 
 
-@pytest.mark.parametrize('engine', ['eager', 'fused'])
-@pytest.mark.parametrize('name', list(RESUME))
-def test_resume_matches_torch(name, engine):
-    ps, ours_ps, topt, ours = resume(name, engine, through_file=name.endswith('fused') or name == 'AdamW')
+def assert_like_torch(name, engine, ps, ours_ps):
     for i, (a, b) in enumerate(zip(ps, ours_ps)):
         scale = max(1., a.abs().max().item())
         err = (a - b).abs().max().item()
         assert err <= 1e-6 * scale, f"{name} ({engine}): parameter {i} differs from torch's by {err:.3g}"
+
+
+@pytest.mark.parametrize('engine', ['eager', 'fused'])
+@pytest.mark.parametrize('name', list(RESUME))
+def test_resume_matches_torch(name, engine):
+    ps, ours_ps, topt, ours = resume(name, engine, through_file=name.endswith('fused') or name == 'AdamW')
+    assert_like_torch(name, engine, ps, ours_ps)
+
+
+# -- porting a script: `torch.optim.X` becomes `fastopt.optim.X`, built with its defaults, and the checkpoint loads ------
+
+T = torch.optim
+SAME_NAME = {  # name: (torch optimizer on groups, the fastopt.optim optimizer of the same name on groups)
+    'Adam':             (lambda gs: T.Adam(gs, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.02), fo.optim.Adam),
+    'Adam-amsgrad-max': (lambda gs: T.Adam(gs, amsgrad=True, maximize=True), fo.optim.Adam),
+    'Adam-decoupled':   (lambda gs: T.Adam(gs, weight_decay=0.1, decoupled_weight_decay=True),
+                         lambda gs: fo.optim.Adam(gs, decoupled_weight_decay=True)),
+    'AdamW':            (lambda gs: T.AdamW(gs, weight_decay=0.1), fo.optim.AdamW),
+    'AdamW-amsgrad':    (lambda gs: T.AdamW(gs, amsgrad=True, maximize=True, fused=True), fo.optim.AdamW),
+    'SGD':              (lambda gs: T.SGD(gs), fo.optim.SGD),
+    'SGD-momentum':     (lambda gs: T.SGD(gs, momentum=0.9, weight_decay=1e-2), fo.optim.SGD),
+    'SGD-dampening':    (lambda gs: T.SGD(gs, momentum=0.8, dampening=0.3, maximize=True), fo.optim.SGD),
+    'SGD-nesterov':     (lambda gs: T.SGD(gs, momentum=0.9, nesterov=True, weight_decay=1e-3), fo.optim.SGD),
+    'RMSprop':          (lambda gs: T.RMSprop(gs, alpha=0.9, eps=1e-6), fo.optim.RMSprop),
+    'RMSprop-momentum': (lambda gs: T.RMSprop(gs, momentum=0.9, weight_decay=1e-2), fo.optim.RMSprop),
+    'RMSprop-centered': (lambda gs: T.RMSprop(gs, momentum=0.5, centered=True, maximize=True), fo.optim.RMSprop),
+    'RAdam':            (lambda gs: T.RAdam(gs, weight_decay=1e-2), fo.optim.RAdam),
+    'RAdam-decoupled':  (lambda gs: T.RAdam(gs, weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+                         lambda gs: fo.optim.RAdam(gs, decoupled_weight_decay=True)),
+    'NAdam':            (lambda gs: T.NAdam(gs, momentum_decay=5e-3, weight_decay=1e-2), fo.optim.NAdam),
+    'NAdam-decoupled':  (lambda gs: T.NAdam(gs, weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+                         lambda gs: fo.optim.NAdam(gs, decoupled_weight_decay=True)),
+    'Adamax':           (lambda gs: T.Adamax(gs, weight_decay=1e-2, maximize=True), fo.optim.Adamax),
+}
+
+
+@pytest.mark.parametrize('engine', ['eager', 'fused'])
+@pytest.mark.parametrize('name', list(SAME_NAME))
+def test_same_name_resumes_as_torch(name, engine):
+    ps, ours_ps, _, _ = resume(name, engine, through_file=name in ('Adam', 'SGD-nesterov'), cases=SAME_NAME)
+    assert_like_torch(name, engine, ps, ours_ps)
+
+
+def test_same_name_flags_and_state():
+    "torch's flags become the group's hypers, under torch's names; its state takes the names the chain keeps"
+    ps = make_params()
+    topt = T.RMSprop(torch_groups(ps), momentum=0.9, centered=True, maximize=True)
+    for g in grads(3): step(topt, ps, g)
+    opt = fo.optim.RMSprop([make_params()[:2], make_params()[2:]])
+    opt.load_state_dict(topt.state_dict())
+    g0 = opt.param_groups[0]
+    assert (g0['centered'], g0['maximize'], g0['mom'], g0['lr']) == (True, True, 0.9, 1e-2)
+    st, tst = opt.state[opt.param_groups[0]['params'][0]], topt.state[ps[0]]
+    assert set(st) == {'sqr_avg', 'grad_avg', 'step_avg', 'step'} and type(st['step']) is int and st['step'] == 3
+    for a, b in (('sqr_avg', 'square_avg'), ('grad_avg', 'grad_avg'), ('step_avg', 'momentum_buffer')): assert torch.equal(st[a], tst[b])
+    topt = T.SGD(torch_groups(ps), momentum=0.9, dampening=0.2)
+    for g in grads(2): step(topt, ps, g)
+    opt = fo.optim.SGD([make_params()[:2], make_params()[2:]], momentum=0.5, nesterov=True, maximize=True)
+    opt.load_state_dict(topt.state_dict())
+    g0 = opt.param_groups[0]
+    assert (g0['mom'], g0['dampening'], g0['nesterov'], g0['maximize']) == (0.9, 0.2, False, False)
+    assert torch.equal(opt.state[g0['params'][0]]['grad_avg'], topt.state[ps[0]]['momentum_buffer'])
+
+
+def test_same_name_older_torch_flags():
+    "A flag an older torch did not save steps as torch's default then"
+    ps = make_params()
+    topt = T.Adam(torch_groups(ps))
+    for g in grads(2): step(topt, ps, g)
+    sd = topt.state_dict()
+    for g in sd['param_groups']: g.pop('maximize')
+    opt = fo.optim.Adam([make_params()[:2], make_params()[2:]], maximize=True)
+    opt.load_state_dict(sd)
+    assert [g['maximize'] for g in opt.param_groups] == [False, False]
 
 
 @pytest.mark.parametrize('name', ['AdamW', 'SGD', 'RMSprop'])
@@ -238,6 +309,12 @@ REFUSE = {  # name: (torch optimizer on groups, fastopt optimizer on groups, str
     'RAdam': (lambda gs: torch.optim.RAdam(gs), lambda gs: fo.RAdam(gs, lr=0.1), ['torch.optim.RAdam', "'radam_step'"]),
     'Adagrad': (lambda gs: torch.optim.Adagrad(gs), lambda gs: fo.Adam(gs, lr=0.1), ['lr_decay', 'not those of a class']),
     'old-Adam-wd': (_old_adam, lambda gs: fo.Adam(gs, lr=0.1), ['`weight_decay=0.1`', '`decoupled_weight_decay`']),
+    'SGD-into-optim-Adam': (lambda gs: T.SGD(gs, momentum=0.9), fo.optim.Adam, ['torch.optim.SGD', "'torch_sgd_step'"]),
+    'RMSprop-into-optim-RAdam': (lambda gs: T.RMSprop(gs), fo.optim.RAdam, ['torch.optim.RMSprop', "'torch_rmsprop_step'"]),
+    'AdamW-into-optim-Adam': (lambda gs: T.AdamW(gs, weight_decay=0.1), fo.optim.Adam,
+                              ['`weight_decay=0.1`', 'decoupled', '`decoupled_weight_decay=True`']),
+    'RAdam-L2-into-decoupled': (lambda gs: T.RAdam(gs, weight_decay=0.1), lambda gs: fo.optim.RAdam(gs, decoupled_weight_decay=True),
+                                ['torch.optim.RAdam', 'L2', '`decoupled_weight_decay=False`']),
 }
 
 
