@@ -9,7 +9,7 @@ DEMO_STAMP := $(VENV)/.demo-stamp
 DEV_STAMP := $(VENV)/.dev-stamp
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: setup demo-setup demo test sync-check nbtest pytest export soak bench clean docs readme demo-snapshot browser-setup
+.PHONY: setup demo-setup demo test lint sync-check nbtest pytest export soak bench clean docs readme demo-snapshot browser-setup
 
 # The environment, in two layers, each constrained by constraints.txt so that pip never pulls a CUDA build:
 # torch 2.13.0 first (the local CPU wheel), then the package with either the `demo` extra (fastai, scikit-learn,
@@ -40,7 +40,11 @@ demo: $(DEMO_STAMP)
 	$(PY) -m fastopt.demo
 
 # `docs` before `pytest`: the browser test reads the freshly built _docs/ instead of building it again.
-test: $(DEV_STAMP) sync-check nbtest docs browser-setup pytest
+test: $(DEV_STAMP) lint sync-check nbtest docs browser-setup pytest
+
+# pyflakes' checks (config in pyproject.toml) over the exported package and the tests: zero findings
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check fastopt tests
 
 # The library must be exactly what the notebooks export.
 sync-check: $(DEV_STAMP)

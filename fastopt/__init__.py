@@ -24,7 +24,7 @@ from .zoo import *
 from .precision import *
 from .bias_correction import *
 from .fused import *
-from . import optim  # torch's signatures and defaults, as `fastopt.optim.Adam`; its names would shadow fastai's above, so not `*`
+from . import optim as optim  # torch's signatures and defaults, as `fastopt.optim.Adam`; its names would shadow fastai's above, so not `*`
 
 # fastai's callbacks are built on first use (see `_lazy_fastai` in `fastopt.optimizer`), so that `import fastopt` does
 # not import fastai, which takes a second or more. `from .x import *` would build them, so these modules' other names

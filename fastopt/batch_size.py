@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from numbers import Real
-import torch
 from .optimizer import check_hyper, _lazy_fastai
 
 # %% auto #0

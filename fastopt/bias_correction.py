@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from numbers import Real
 import torch
 from torch import Tensor
-from .optimizer import Optimizer, hyper_checks, _real_in, accepts_torch_names
+from .optimizer import Optimizer, accepts_torch_names
 from .sgd import weight_decay, l2_reg, average_grad
 from .adaptive import average_sqr_grad, step_stat, rms_prop_step
 

@@ -133,7 +133,7 @@ def train_one(name:str, opt_func, lr:float, init_state:dict, epochs:int=5, seed:
     from fastai.learner import Learner
     from fastai.metrics import accuracy
     from fastai.torch_core import set_seed
-    import fastai.callback.schedule, fastai.callback.progress  # add `Learner.fit_one_cycle` and `Learner.no_bar`
+    import fastai.callback.schedule, fastai.callback.progress  # noqa: F401 (they add `Learner.fit_one_cycle` and `Learner.no_bar`
     set_seed(seed)
     dls = digits_dls(bs=bs, seed=seed)
     model = digits_cnn()

@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 from fastcore.basics import GetAttr
 from fastcore.meta import delegates
-from fastcore.foundation import L
 from .optimizer import Optimizer, _unhooked
 from .adaptive import RAdam
 

@@ -15,7 +15,7 @@ from functools import partial
 import torch
 from torch import Tensor
 from fastcore.foundation import L
-from fastcore.basics import even_mults, store_attr, GetAttr, range_of
+from fastcore.basics import even_mults
 
 # %% auto #0
 __all__ = ['hyper_checks', 'engines', 'default_engine', 'check_hyper', 'ParamGroup', 'Hypers', 'step_hypers', 'EagerEngine',

@@ -6,7 +6,7 @@ Docs: https://fastopt.github.io/fastopt/per_example.html.md"""
 
 # %% ../nbs/30_per_example.ipynb #3a709376
 from __future__ import annotations
-import math, subprocess, sys, time, warnings
+import subprocess, sys, time, warnings
 from collections.abc import Iterable
 from functools import partial
 from numbers import Real

@@ -8,10 +8,9 @@ Docs: https://fastopt.github.io/fastopt/wrapper.html.md"""
 from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-import warnings
 import torch
 from torch import Tensor
-from fastcore.basics import GetAttr, even_mults, range_of
+from fastcore.basics import GetAttr, range_of
 from fastcore.foundation import L
 from .optimizer import Optimizer, _spread
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from .optimizer import Optimizer, hyper_checks, _real_in, accepts_torch_names
 from .sgd import weight_decay, l2_reg, average_grad
-from .adaptive import average_sqr_grad, step_stat, debias, adam_step
+from .adaptive import average_sqr_grad, step_stat, adam_step
 from .stability import amsgrad_sqr_avg
 
 # %% auto #0

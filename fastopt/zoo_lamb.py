@@ -9,13 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from functools import partial
 from numbers import Real
-import math
 import torch
 from torch import Tensor
 from .optimizer import Optimizer, hyper_checks, _real_in, _is_bool, accepts_torch_names
-from .sgd import weight_decay, l2_reg, average_grad
+from .sgd import weight_decay, average_grad
 from .adaptive import average_sqr_grad, step_stat, num_sqrt
-from .layerwise import lamb_step, Lamb
 
 # %% auto #0
 __all__ = ['lamb_paper_step', 'LambPaper', 'lamb_timm_step', 'LambTimm']

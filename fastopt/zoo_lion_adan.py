@@ -9,12 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from functools import partial
 from numbers import Real
-import math
 import torch
 from torch import Tensor
 from .optimizer import Optimizer, hyper_checks, _real_in, accepts_torch_names
-from .sgd import weight_decay, l2_reg, average_grad
-from .adaptive import average_sqr_grad, step_stat, debias, num_sqrt
+from .sgd import weight_decay, average_grad
+from .adaptive import step_stat, num_sqrt
 
 # %% auto #0
 __all__ = ['lion_step', 'lion_momentum', 'Lion', 'average_grad_diff', 'adan_sqr_avg', 'adan_step', 'prox_weight_decay', 'Adan']

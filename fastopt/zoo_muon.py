@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 from fastcore.foundation import L
-from .optimizer import Optimizer, hyper_checks, _real_in, _is_real, _as_groups, _cb_defaults, _is_bool, accepts_torch_names
+from .optimizer import Optimizer, hyper_checks, _is_real, _as_groups, _cb_defaults, _is_bool, accepts_torch_names
 from .sgd import weight_decay, average_grad
 from .adaptive import average_sqr_grad, step_stat, adam_step
 

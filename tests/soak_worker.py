@@ -1,5 +1,5 @@
 "Soak worker: train ranger + a cosine schedule on a tiny problem to `total` steps, checkpointing every `every` steps, resuming from the last checkpoint"
-import argparse, os, sys
+import argparse, os
 import torch
 from torchtools_cases import make, train, snapshot
 from fastopt import save_checkpoint, load_checkpoint

@@ -3,7 +3,6 @@
 Every case is checked on a trained optimizer (state present) by comparing a deep snapshot of its hypers, defaults,
 state, parameters and groups before and after the failed call."""
 from copy import deepcopy
-import re
 
 import pytest
 import torch

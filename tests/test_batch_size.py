@@ -3,7 +3,7 @@ import math
 from functools import partial
 import pytest, torch
 from hypothesis import given, settings, strategies as st
-from fastopt import Adam, SGD
+from fastopt import Adam
 from fastopt.batch_size import (lernapparat_rule, sqrt_rule, linear_rule, batch_size_rules, rescale_hypers,
                                 rescale_batch_size, BatchSizeRescale)
 
@@ -69,7 +69,6 @@ def _learner(bs, cbs=None, n=200):
     return learn
 
 def test_callback_one_cycle_and_partial_batch():
-    import fastai.callback.schedule
     a, b = _learner(40, BatchSizeRescale(10, 'sqrt')), _learner(40)
     for l in (a, b):
         with l.no_logging(): l.fit_one_cycle(2, 1e-2)
@@ -91,7 +90,7 @@ def test_callback_varying_bs():
     assert learn.recorder.lrs[0] == pytest.approx(1e-3) and learn.opt.hypers[0]['lr'] == pytest.approx(1e-3)
 
 def test_callback_lr_find_restores():
-    import fastai.callback.schedule, tempfile, pathlib
+    import tempfile, pathlib
     learn = _learner(20, BatchSizeRescale(10))
     learn.path = pathlib.Path(tempfile.mkdtemp())
     with learn.no_logging(): learn.lr_find(num_it=30, show_plot=False, suggest_funcs=None)

@@ -1,9 +1,8 @@
 "Bias-correction callbacks, the ε-scaled step and centred RMSProp: exact math against direct formulas and torch"
-import math
 from functools import partial
 import pytest
 import torch
-from fastopt import Optimizer, Adam, step_stat, rms_prop_step, average_sqr_grad
+from fastopt import Optimizer, Adam, step_stat, rms_prop_step
 from fastopt.bias_correction import *
 
 

@@ -3,7 +3,7 @@ import copy, io, os, subprocess, sys
 import pytest, torch
 from torch import nn
 import fastopt
-from fastopt import Adam, RAdam, SGD, Lookahead, ranger, engines, save_checkpoint, load_checkpoint
+from fastopt import Adam, RAdam, Lookahead, ranger, engines, save_checkpoint, load_checkpoint
 from torchtools_cases import OPTS, make, make_model, train, snapshot, assert_same, batch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -192,8 +192,7 @@ def test_model_mismatch_leaves_optimizer(tmp_path, trained):
     "load_checkpoint checks the model before loading the optimizer: a misfit model changes neither"
     model, opt = trained
     save_checkpoint(tmp_path/'ck.pth', opt, model)
-    m2, o2 = _mismatch('shape')
-    o2 = ranger([list(m2[0].parameters()), list(m2[2].parameters())], lr=1e-2, k=3)
+    m2, _ = _mismatch('shape')
     m3 = make_model(seed=3); o3 = ranger([list(m3[0].parameters()), list(m3[2].parameters())], lr=1e-2, k=3)
     train(m3, o3, None, 0, 2)
     before = _deep(m3, o3)

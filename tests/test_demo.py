@@ -1,6 +1,5 @@
 "The demo (`make demo` = `python -m fastopt.demo`): runs end to end, trains well above chance, is reproducible."
 import re, runpy, sys
-from pathlib import Path
 import pytest, torch
 
 pytest.importorskip('fastai'); pytest.importorskip('sklearn'); pytest.importorskip('matplotlib')

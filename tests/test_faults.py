@@ -1,8 +1,7 @@
 "Faults: the non-finite-gradient guard, sparse gradients, complex parameters, mixed dtypes/devices in one group"
 import pytest, torch
 from torch import nn
-import fastopt
-from fastopt import Optimizer, SGD, Adam, Lookahead, ranger, sgd_step, engines, all_finite
+from fastopt import Optimizer, sgd_step, engines, all_finite
 from torchtools_cases import OPTS, make, train, snapshot, assert_same
 
 torch.set_num_threads(1)

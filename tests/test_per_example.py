@@ -1,5 +1,4 @@
 "Per-example second moment: the hooks' (1/B)Σ_b g_b² against brute-force per-example gradients"
-import warnings
 import pytest
 import torch
 import torch.nn as nn

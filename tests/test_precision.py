@@ -4,7 +4,7 @@ import pytest, torch
 from torch import nn
 import optimi
 import fastopt
-from fastopt import Adam, SGD, RAdam, Lamb, Optimizer
+from fastopt import Adam, SGD, RAdam, Lamb
 from fastopt.precision import FP32Math, fp32_math, AdamWKahan, precision_modes
 
 torch.set_num_threads(1)

@@ -70,7 +70,6 @@ def test_bad_input():
 
 def test_in_lr_find(tmp_path):
     "fastai's lr_find calls it with its contract and names the suggestion after it"
-    import fastai.callback.schedule
     from fastai.learner import Learner
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader

@@ -257,7 +257,7 @@ def test_blowup_guard_restore_and_raise_eps():
     learn, msgs = fit(guard, epochs=20)
     assert 1 <= len(guard.restored) <= 5 and len(msgs) == len(guard.restored) and 'restored' in msgs[0]
     assert len(learn.recorder.losses) == 20*64  # never had to stop
-    n = [s[0] for s in guard.snaps]; losses = [s[1] for s in guard.snaps]
+    n = [s[0] for s in guard.snaps]
     assert all(b - a >= 20 for a, b in zip(n, n[1:]))  # at most one snapshot every `snap_every` batches
     assert len(n) < 20*64/20
     assert learn.opt.hypers[0]['eps'] == pytest.approx(1e-8 * 100**len(guard.restored))

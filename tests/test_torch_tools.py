@@ -2,7 +2,7 @@
 import copy
 import pytest, torch
 from torch import nn
-from fastopt import SGD, Adam, Larc, ranger, Lookahead, engines
+from fastopt import SGD, Adam, engines
 from torchtools_cases import OPTS, make, make_model, train, batch, snapshot, assert_same
 
 torch.set_num_threads(1)

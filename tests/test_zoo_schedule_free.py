@@ -1,8 +1,7 @@
 import random, io, pytest, torch
 from torch import nn
-from functools import partial
 from schedulefree import AdamWScheduleFree
-from fastopt import ScheduleFreeAdamW, ScheduleFreeCallback, ScheduleFreeOptimizer
+from fastopt import ScheduleFreeAdamW, ScheduleFreeCallback
 from zoo_helpers import run_pair, groups, max_diff
 
 @pytest.mark.parametrize('kw,rkw', [

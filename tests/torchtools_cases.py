@@ -1,11 +1,9 @@
 "Shared cases for test_torch_tools, test_checkpoint, test_faults and test_soak: every built-in optimizer on a tiny problem"
-import os, sys
+import sys
 from functools import partial
 import torch
 from torch import nn
-import fastopt
-from fastopt import (SGD, RMSProp, Adam, RAdam, QHAdam, Larc, Lamb, Lookahead, ranger, engines,
-                     save_checkpoint, load_checkpoint)
+from fastopt import (SGD, RMSProp, Adam, RAdam, QHAdam, Larc, Lamb, Lookahead, ranger, load_checkpoint)
 
 OPTS = {
     'sgd':          partial(SGD, lr=0.05),
