@@ -31,9 +31,18 @@ from . import optim as optim  # torch's signatures and defaults, as `fastopt.opt
 # are imported one by one, and the callbacks come through this module's `__getattr__`.
 from functools import partial as _partial
 from . import batch_size, stability, zoo_schedule_free, per_example, optim_stats
-from .optimizer import _lazy_fastai
+from .optimizer import _lazy_fastai, get_default_engine
 _mods = (batch_size, stability, zoo_schedule_free, per_example, optim_stats)
 _lazy = {n: _partial(getattr, m, n) for m in _mods for n in m.__getattr__.names}
 globals().update({n: getattr(m, n) for m in _mods for n in m.__all__ if n not in _lazy})
 __all__ = [n for n in globals() if not n.startswith('_') and n != 'optim'] + list(_lazy)  # `from fastopt import *`, as before
-__getattr__,__dir__ = _lazy_fastai(globals(), **_lazy)  # without fastai it takes them out of `__all__`
+_lazy_getattr,__dir__ = _lazy_fastai(globals(), **_lazy)  # without fastai it takes them out of `__all__`
+
+def __getattr__(name):
+    if name == 'default_engine':   # a module global that `import *` copied, so it read 'eager' while the default was 'auto'
+        import warnings
+        warnings.warn("`fastopt.default_engine` is deprecated: use `fastopt.get_default_engine()` and `set_default_engine()`",
+                      DeprecationWarning, stacklevel=2)
+        return get_default_engine()
+    return _lazy_getattr(name)
+__getattr__.names = _lazy_getattr.names

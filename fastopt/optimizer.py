@@ -18,8 +18,9 @@ from fastcore.foundation import L
 from fastcore.basics import even_mults
 
 # %% auto #0
-__all__ = ['hyper_checks', 'engines', 'default_engine', 'check_hyper', 'ParamGroup', 'Hypers', 'step_hypers', 'EagerEngine',
-           'get_engine', 'Optimizer', 'all_finite', 'named_optimizer', 'accepts_torch_names']
+__all__ = ['hyper_checks', 'engines', 'register_hyper_check', 'check_hyper', 'ParamGroup', 'Hypers', 'step_hypers', 'EagerEngine',
+           'get_default_engine', 'set_default_engine', 'get_engine', 'Optimizer', 'all_finite', 'named_optimizer',
+           'accepts_torch_names']
 
 # %% ../nbs/00_optimizer.ipynb #3c0bb6dd
 def _is_real(v):
@@ -67,6 +68,12 @@ def _check_betas(name, v):
     if not isinstance(v, (tuple, list)) or len(v) != 2:
         raise TypeError(f"Hyper-parameter `{name}` must be a pair (mom, sqr_mom), got {v!r}")
     for i,(k,x) in enumerate(zip(('mom', 'sqr_mom'), v)): check_hyper(k, x, f'{name}[{i}]')
+
+def register_hyper_check(name:str, check:Callable):
+    "Check every value hyper-parameter `name` gets with `check(name, v)`, which raises naming `name` and `v` if `v` is bad"
+    if not isinstance(name, str) or not callable(check): raise TypeError(f"`register_hyper_check` needs a name (str) and a callable, got {name!r}, {check!r}")
+    hyper_checks[name] = check
+    return check
 
 def check_hyper(name, v, shown=None):
     "Raise a `TypeError`/`ValueError` naming `name` (or `shown`) and `v` if `v` is not a valid value for hyper-parameter `name`"
@@ -146,11 +153,21 @@ class EagerEngine:
             _step_eagerly(opt, step_hypers(group), [p for p in group['params'] if p.grad is not None])
 
 engines = {'eager': EagerEngine}
-default_engine = 'eager'
+_default_engine = 'eager'   # read and set through the two functions below: a module global copied by `import *` would go stale
+
+def get_default_engine():
+    "The engine optimizers built without `engine=` get (a name in `engines`, an engine class or instance)"
+    return _default_engine
+
+def set_default_engine(engine):
+    "Make `engine` the default for optimizers built from now on; checked now (the environment variable `FASTOPT_ENGINE` sets it at import)"
+    get_engine(engine)
+    global _default_engine
+    _default_engine = engine
 
 def get_engine(engine=None):
-    "An engine instance from a name in `engines`, an engine class or instance (`None`: `default_engine`)"
-    if engine is None: engine = default_engine
+    "An engine instance from a name in `engines`, an engine class or instance (`None`: the default engine)"
+    if engine is None: engine = _default_engine
     if isinstance(engine, str):
         if engine not in engines: raise ValueError(f"Unknown engine {engine!r}; available: {sorted(engines)}")
         engine = engines[engine]
@@ -258,7 +275,7 @@ class Optimizer(torch.optim.Optimizer):
     def __init__(self,
         params:Tensor|Iterable, # Model parameters, lists of parameters (one group each) or torch-style group dicts
         cbs:Callable|MutableSequence, # `Optimizer` step callbacks
-        engine=None, # Engine name in `engines`, class or instance; `None` for `default_engine`
+        engine=None, # Engine name in `engines`, class or instance; `None` for the default (`get_default_engine()`)
         nonfinite:str|None=None, # Non-finite gradients: `None` steps anyway (fastai), 'skip' skips the step and counts it in `skipped_steps`, 'raise' raises
         **defaults # Hyper parameters default values
     ):

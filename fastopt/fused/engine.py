@@ -318,7 +318,7 @@ class FusedEngine:
 
 engines['fused'] = FusedEngine
 
-# %% ../../nbs/10g_fused.engine.ipynb #c000b947
+# %% ../../nbs/10g_fused.engine.ipynb #54bc8974
 class AutoEngine:
     "The fused engine for optimizers with at least `min_numel` parameter elements, the eager engine below"
     name = 'auto'
@@ -333,4 +333,6 @@ class AutoEngine:
         (self.fused if self._n[1] >= self.min_numel else self.eager).step(opt)
 
 engines['auto'] = AutoEngine
-_optimizer.default_engine = os.environ.get('FASTOPT_ENGINE', 'auto')
+_env_engine = os.environ.get('FASTOPT_ENGINE', 'auto')
+if _env_engine not in engines: raise ValueError(f"The environment variable FASTOPT_ENGINE is {_env_engine!r}; it must be one of {sorted(engines)}")
+_optimizer.set_default_engine(_env_engine)
