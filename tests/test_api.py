@@ -1,4 +1,4 @@
-"""The drop-in API (issue 2, items 3-4): fastai 2.8's names, signatures and defaults; the callback contract;
+"""The drop-in API: fastai 2.8's names, signatures and defaults; the callback contract;
 param groups as lists and as dicts; set_hyper(s); freeze/force_train/do_wd; clear_state; zero_grad; closures."""
 import inspect
 from functools import partial

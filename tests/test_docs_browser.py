@@ -1,4 +1,4 @@
-"""The docs site in a real browser (issue 7): headless Chromium loads the built site from a local HTTP server.
+"""The docs site in a real browser: headless Chromium loads the built site from a local HTTP server.
 
 The browser is offline but for 127.0.0.1: it sends every request for another host to a proxy that does not exist
 (`--proxy-server=http://127.0.0.1:9`; loopback bypasses a proxy), and each test checks in Chrome's network log that
