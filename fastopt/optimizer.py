@@ -61,7 +61,8 @@ hyper_checks = {
     'trust_coeff': _real_in(0, finite=True),
 }
 
-_torch_alias = {'momentum': 'mom', 'weight_decay': 'wd'}   # torch's names for fastai's hypers (`betas` is the pair)
+_torch_twins = {'betas': ('mom', 'sqr_mom'), 'momentum': ('mom',), 'weight_decay': ('wd',)}   # torch's names for fastai's hypers
+_torch_alias = {k: v[0] for k,v in _torch_twins.items() if len(v) == 1}                        # the one-to-one ones
 
 def _check_betas(name, v):
     "`betas` is a pair `(mom, sqr_mom)`, each checked as its fastai twin"
@@ -253,7 +254,7 @@ def _spread(k, v, n):
 def _fastai_names(g:Mapping, known:Mapping) -> dict:
     "Rename torch's `betas`/`momentum`/`weight_decay` in `g` to the fastai names `known` has, so a torch-style group sets them"
     g = dict(g)
-    for k,names in (('betas', ('mom', 'sqr_mom')), ('momentum', ('mom',)), ('weight_decay', ('wd',))):
+    for k,names in _torch_twins.items():
         if k not in g or dict.__contains__(known, k) or not all(n in known for n in names): continue
         both = [n for n in names if n in g]
         if both: raise ValueError(f"A param group sets both `{k}` and `{both[0]}`: they name the same hyper-parameter")
@@ -393,7 +394,7 @@ def _set_hyper(self,
 
 def _set_hypers(self, **kwargs):
     "Set several hyper-parameters at once; all are checked before any is set"
-    for k,names in (('betas', ('mom', 'sqr_mom')), ('momentum', ('mom',)), ('weight_decay', ('wd',))):
+    for k,names in _torch_twins.items():
         both = [n for n in names if k in kwargs and n in kwargs]
         if both: raise ValueError(f"`set_hypers` sets both `{k}` and `{both[0]}`: they name the same hyper-parameter")
     vals = {k: _expand(self, k, v) for k,v in kwargs.items()}
@@ -693,7 +694,6 @@ def _lazy_fastai(g:dict, **factories):
 import functools, inspect
 from typing import Annotated
 
-_torch_twins = {'betas': ('mom', 'sqr_mom'), 'momentum': ('mom',), 'weight_decay': ('wd',)}
 
 def _named(name, opt):
     "`opt`, named `name` for its `repr` (torch prints `AdamW (`); the outermost ready-made optimizer names it"

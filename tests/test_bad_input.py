@@ -10,6 +10,7 @@ from torch import nn
 
 torch.set_num_threads(1)
 import fastopt as fo
+from state_helpers import deep_equal
 
 
 def make_params(seed=0):
@@ -26,16 +27,6 @@ def trained(opt_func=fo.Adam, **kw):
         for p in ps: p.grad = torch.randn_like(p)
         opt.step()
     return opt
-
-
-def deep_equal(a, b):
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and set(a) == set(b) and all(deep_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(deep_equal(x, y) for x, y in zip(a, b))
-    return type(a) == type(b) and a == b
 
 
 def snapshot(opt):

@@ -11,6 +11,7 @@ from torch import nn
 torch.set_num_threads(1)
 import fastopt as fo
 from fastopt.torch_compat import from_torch_state_dict, save_checkpoint, load_checkpoint
+from state_helpers import deep_equal
 
 SHAPES = [(4, 3), (3,), (2, 2), (5,)]
 
@@ -39,16 +40,6 @@ def roundtrip(sd):
     "Through `torch.save` and `torch.load(weights_only=True)`, as a checkpoint file is"
     b = io.BytesIO(); torch.save(sd, b); b.seek(0)
     return torch.load(b, weights_only=True)
-
-
-def deep_equal(a, b):
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and set(a) == set(b) and all(deep_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(deep_equal(x, y) for x, y in zip(a, b))
-    return type(a) == type(b) and a == b
 
 
 def snapshot(opt):
