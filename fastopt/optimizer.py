@@ -6,7 +6,7 @@ Docs: https://fastopt.github.io/fastopt/optimizer.html.md"""
 
 # %% ../nbs/00_optimizer.ipynb #d69a66da
 from __future__ import annotations
-import math, numbers, operator, warnings
+import functools, math, numbers, operator, warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, MutableSequence
 from copy import deepcopy
@@ -15,7 +15,7 @@ from functools import partial
 import torch
 from torch import Tensor
 from fastcore.foundation import L
-from fastcore.basics import even_mults
+from fastcore.basics import even_mults, patch
 
 # %% auto #0
 __all__ = ['hyper_checks', 'engines', 'register_hyper_check', 'check_hyper', 'ParamGroup', 'Hypers', 'step_hypers', 'EagerEngine',
@@ -346,87 +346,10 @@ class Optimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self.param_groups = [g if isinstance(g, ParamGroup) else ParamGroup(g) for g in self.param_groups]
 
-# %% ../nbs/00_optimizer.ipynb #a8267d76
-@property
-def _param_lists(self): return L(L(g['params']) for g in self.param_groups)
-@_param_lists.setter
-def _param_lists(self, v):
-    v = list(v)
-    if len(v) != len(self.param_groups): raise ValueError(f"`param_lists` has {len(v)} groups, the optimizer has {len(self.param_groups)}")
-    for g,ps in zip(self.param_groups, v): g['params'] = list(ps)
-Optimizer.param_lists = _param_lists
-
-@property
-def _hypers(self): return L(Hypers(g) for g in self.param_groups)
-@_hypers.setter
-def _hypers(self, v):
-    v = list(v)
-    if len(v) != len(self.param_groups): raise ValueError(f"`hypers` has {len(v)} groups, the optimizer has {len(self.param_groups)}")
-    for i,h in enumerate(v):
-        bad = [k for k in h if k in _not_hypers]
-        if bad: raise ValueError(f"`hypers` group {i} sets `{bad[0]}`, which is not a hyper-parameter (use `param_lists` for the parameters)")
-    v = [_fastai_names(h, self.defaults) for h in v]
-    for h in v: _check_hypers(h)
-    for g,h in zip(self.param_groups, v):
-        for k in [k for k in dict.keys(g) if k not in _not_hypers]: del g[k]
-        for k,x in h.items(): g[k] = x
-Optimizer.hypers = _hypers
-
-def _all_params(self,
-    n:slice|int=slice(None), # Extended slicing over the optimizer `param_lists`
-    with_grad:bool=False # Get all param tuples. If `True` select only those with a gradient
-):
-    "`(p, group_params, state, hyper)` for the parameters of groups `n`"
-    groups = self.param_groups[n] if isinstance(n, slice) else [self.param_groups[n]]
-    return L((p, L(g['params']), self.state[p], Hypers(g)) for g in groups for p in g['params']
-             if not with_grad or p.grad is not None)
-Optimizer.all_params = _all_params
-
-# %% ../nbs/00_optimizer.ipynb #f6b5d77d
-def _expand(self, k, v): return _spread(k, v, len(self.param_groups))
-
-def _set_hyper(self,
-    k:str, # Hyper-parameter name
-    v, # A value, a list with one value per group, or a `slice` of learning rates
-):
-    "Set hyper-parameter `k` to `v` on every param group"
-    for g,x in zip(self.param_groups, _expand(self, k, v)): g[k] = x
-
-def _set_hypers(self, **kwargs):
-    "Set several hyper-parameters at once; all are checked before any is set"
-    for k,names in _torch_twins.items():
-        both = [n for n in names if k in kwargs and n in kwargs]
-        if both: raise ValueError(f"`set_hypers` sets both `{k}` and `{both[0]}`: they name the same hyper-parameter")
-    vals = {k: _expand(self, k, v) for k,v in kwargs.items()}
-    for k,v in vals.items():
-        for g,x in zip(self.param_groups, v): g[k] = x
-
-Optimizer._expand,Optimizer.set_hyper,Optimizer.set_hypers = _expand,_set_hyper,_set_hypers
-
-# %% ../nbs/00_optimizer.ipynb #18b57d38
-def _freeze_to(self, n:int):
-    "Freeze parameter groups up to `n`"
-    ngroups = len(self.param_groups)
-    self.frozen_idx = n if n >= 0 else ngroups + n
-    if self.frozen_idx >= ngroups:
-        warnings.warn(f"Freezing {self.frozen_idx} groups; model has {ngroups}; whole model is frozen.")
-    for i,g in enumerate(self.param_groups):
-        for p in g['params']: p.requires_grad_(i >= self.frozen_idx or self.state[p].get('force_train', False))
-
-def _freeze(self):
-    "Freeze all parameter groups but the last"
-    if len(self.param_groups) < 2: raise ValueError(f"`freeze` needs at least 2 parameter groups, the optimizer has {len(self.param_groups)}")
-    self.freeze_to(-1)
-
-def _unfreeze(self):
-    "Train all parameter groups"
-    self.freeze_to(0)
-
-Optimizer.freeze_to,Optimizer.freeze,Optimizer.unfreeze = _freeze_to,_freeze,_unfreeze
-
 # %% ../nbs/00_optimizer.ipynb #2ef7202c
+@patch
 @torch.no_grad()
-def _step(self, closure=None):
+def step(self:Optimizer, closure=None):
     "Update the parameters with their gradients, running the callbacks through the engine; returns the closure's loss"
     loss = None
     if closure is not None:
@@ -453,7 +376,8 @@ def all_finite(ts:Iterable[Tensor]) -> bool:
 
 def _grad_name(i, j, p): return f"parameter {j} of group {i} (shape {tuple(p.shape)}, {p.dtype})"
 
-def _sparse_grad_error(self):
+@patch
+def _sparse_grad_error(self:Optimizer):
     "Raise the error for the first parameter with a sparse gradient"
     i,j,p = next((i, j, p) for i,g in enumerate(self.param_groups) for j,p in enumerate(g['params'])
                  if p.grad is not None and p.grad.layout != torch.strided)
@@ -462,14 +386,16 @@ def _sparse_grad_error(self):
 
 _grad_of,_layout_of,_dtype_of = operator.attrgetter('grad'),operator.attrgetter('layout'),operator.attrgetter('dtype')
 
-def _complex_error(self):
+@patch
+def _complex_error(self:Optimizer):
     "Raise the error for the first complex parameter (or gradient)"
     i,j,p = next((i, j, p) for i,g in enumerate(self.param_groups) for j,p in enumerate(g['params'])
                  if p.grad is not None and (p.is_complex() or p.grad.is_complex()))
     raise TypeError(f"{_grad_name(i, j, p)} is complex; fastopt's callbacks are written for real tensors: store it as a real "
                     "parameter with a trailing dimension of 2 and use `torch.view_as_complex` in the forward pass")
 
-def _grads_ok(self):
+@patch
+def _grads_ok(self:Optimizer):
     "Raise on sparse gradients; with `nonfinite` set, check all gradients at once: False when the step must be skipped"
     grads = [gr for g in self.param_groups for gr in map(_grad_of, g['params']) if gr is not None]
     if any(l is not torch.strided for l in set(map(_layout_of, grads))): self._sparse_grad_error()   # checked in bulk: a step's hot path
@@ -482,7 +408,8 @@ def _grads_ok(self):
     self.skipped_steps += 1
     return False
 
-def _zero_grad(self, set_to_none:bool=False):
+@patch
+def zero_grad(self:Optimizer, set_to_none:bool=False):
     "Zero the gradients in place (fastai), or drop them with `set_to_none=True` (torch)"
     for g in self.param_groups:
         for p in g['params']:
@@ -493,18 +420,101 @@ def _zero_grad(self, set_to_none:bool=False):
                 else: p.grad.requires_grad_(False)
                 p.grad.zero_()
 
-def _clear_state(self):
+@patch
+def clear_state(self:Optimizer):
     "Forget the optimizer state, keeping only `force_train` and `do_wd`"
     for g in self.param_groups:
         for p in g['params']:
             st = self.state.get(p, {})
             self.state[p] = {k: st[k] for k in self._keep_on_clear if k in st}
 
-Optimizer.step,Optimizer.zero_grad,Optimizer.clear_state,Optimizer._grads_ok = _step,_zero_grad,_clear_state,_grads_ok
-Optimizer._sparse_grad_error,Optimizer._complex_error = _sparse_grad_error,_complex_error
+# %% ../nbs/00_optimizer.ipynb #a8267d76
+@property
+def _param_lists(self):
+    "The parameters of each group, as fastai's `L`s; settable with one list per group"
+    return L(L(g['params']) for g in self.param_groups)
+@_param_lists.setter
+def _param_lists(self, v):
+    v = list(v)
+    if len(v) != len(self.param_groups): raise ValueError(f"`param_lists` has {len(v)} groups, the optimizer has {len(self.param_groups)}")
+    for g,ps in zip(self.param_groups, v): g['params'] = list(ps)
+Optimizer.param_lists = _param_lists
+
+@property
+def _hypers(self):
+    "A live view of each group's hyper-parameters (`Hypers`); settable with one dict per group, checked"
+    return L(Hypers(g) for g in self.param_groups)
+@_hypers.setter
+def _hypers(self, v):
+    v = list(v)
+    if len(v) != len(self.param_groups): raise ValueError(f"`hypers` has {len(v)} groups, the optimizer has {len(self.param_groups)}")
+    for i,h in enumerate(v):
+        bad = [k for k in h if k in _not_hypers]
+        if bad: raise ValueError(f"`hypers` group {i} sets `{bad[0]}`, which is not a hyper-parameter (use `param_lists` for the parameters)")
+    v = [_fastai_names(h, self.defaults) for h in v]
+    for h in v: _check_hypers(h)
+    for g,h in zip(self.param_groups, v):
+        for k in [k for k in dict.keys(g) if k not in _not_hypers]: del g[k]
+        for k,x in h.items(): g[k] = x
+Optimizer.hypers = _hypers
+
+@patch
+def all_params(self:Optimizer,
+    n:slice|int=slice(None), # Extended slicing over the optimizer `param_lists`
+    with_grad:bool=False # Get all param tuples. If `True` select only those with a gradient
+):
+    "`(p, group_params, state, hyper)` for the parameters of groups `n`"
+    groups = self.param_groups[n] if isinstance(n, slice) else [self.param_groups[n]]
+    return L((p, L(g['params']), self.state[p], Hypers(g)) for g in groups for p in g['params']
+             if not with_grad or p.grad is not None)
+
+# %% ../nbs/00_optimizer.ipynb #f6b5d77d
+@patch
+def _expand(self:Optimizer, k, v): return _spread(k, v, len(self.param_groups))
+
+@patch
+def set_hyper(self:Optimizer,
+    k:str, # Hyper-parameter name
+    v, # A value, a list with one value per group, or a `slice` of learning rates
+):
+    "Set hyper-parameter `k` to `v` on every param group"
+    for g,x in zip(self.param_groups, self._expand(k, v)): g[k] = x
+
+@patch
+def set_hypers(self:Optimizer, **kwargs):
+    "Set several hyper-parameters at once; all are checked before any is set"
+    for k,names in _torch_twins.items():
+        both = [n for n in names if k in kwargs and n in kwargs]
+        if both: raise ValueError(f"`set_hypers` sets both `{k}` and `{both[0]}`: they name the same hyper-parameter")
+    vals = {k: self._expand(k, v) for k,v in kwargs.items()}
+    for k,v in vals.items():
+        for g,x in zip(self.param_groups, v): g[k] = x
+
+# %% ../nbs/00_optimizer.ipynb #18b57d38
+@patch
+def freeze_to(self:Optimizer, n:int):
+    "Freeze parameter groups up to `n`"
+    ngroups = len(self.param_groups)
+    self.frozen_idx = n if n >= 0 else ngroups + n
+    if self.frozen_idx >= ngroups:
+        warnings.warn(f"Freezing {self.frozen_idx} groups; model has {ngroups}; whole model is frozen.")
+    for i,g in enumerate(self.param_groups):
+        for p in g['params']: p.requires_grad_(i >= self.frozen_idx or self.state[p].get('force_train', False))
+
+@patch
+def freeze(self:Optimizer):
+    "Freeze all parameter groups but the last"
+    if len(self.param_groups) < 2: raise ValueError(f"`freeze` needs at least 2 parameter groups, the optimizer has {len(self.param_groups)}")
+    self.freeze_to(-1)
+
+@patch
+def unfreeze(self:Optimizer):
+    "Train all parameter groups"
+    self.freeze_to(0)
 
 # %% ../nbs/00_optimizer.ipynb #817b4325
-def _to_torch_format(self, sd):
+@patch
+def _to_torch_format(self:Optimizer, sd):
     "Convert a fastai-format state dict into torch's format, checking its sizes"
     if not isinstance(sd.get('hypers'), (list, tuple, L)) or not isinstance(sd.get('state'), (list, tuple, L)):
         raise TypeError("`state_dict` in fastai format needs a list `state` and a list `hypers`")
@@ -523,11 +533,13 @@ def _cb_name(cb):
     while isinstance(cb, partial): cb = cb.func
     return getattr(cb, '__name__', type(cb).__name__)
 
-def _meta(self):
+@patch
+def _meta(self:Optimizer):
     "What `state_dict` records under `fastopt`: the optimizer's type, its callbacks' names and the skipped-step count"
     return {'type': type(self).__name__, 'cbs': [_cb_name(cb) for cb in self.cbs], 'skipped_steps': self.skipped_steps}
 
-def _state_dict(self):
+@patch
+def state_dict(self:Optimizer):
     "torch's state dict (`state` by parameter index, `param_groups`) with a `fastopt` entry: optimizer type and callback names"
     pre,post = self._optimizer_state_dict_pre_hooks,self._optimizer_state_dict_post_hooks
     for hook in list(pre.values()): hook(self)
@@ -541,7 +553,8 @@ def _state_dict(self):
         if res is not None: sd = res
     return sd
 
-def _check_meta(self, sd):
+@patch
+def _check_meta(self:Optimizer, sd):
     "Raise if `sd` was saved by an optimizer of another type or with other callbacks"
     if not isinstance(sd, Mapping): raise TypeError(f"`state_dict` must be a dict, got {type(sd).__name__}")
     meta = sd.get('fastopt')
@@ -555,7 +568,8 @@ def _check_meta(self, sd):
     n = meta.get('skipped_steps', 0)
     if isinstance(n, bool) or not isinstance(n, int) or n < 0: raise ValueError(f"`state_dict['fastopt']['skipped_steps']` must be an int >= 0, got {n!r}")
 
-def _check_state(self, sd):
+@patch
+def _check_state(self:Optimizer, sd):
     "Raise if torch-format `sd` does not fit this optimizer's groups, parameters and shapes"
     if not isinstance(sd, Mapping): raise TypeError(f"`state_dict` must be a dict, got {type(sd).__name__}")
     self._check_meta(sd)
@@ -595,7 +609,8 @@ def _check_state(self, sd):
 
 _per_element_state = ('grad_avg', 'sqr_avg', 'max_sqr_avg')   # fastai's own; others are learnt from the state seen
 
-def _check_state_value(self, k, p, name, v, per_elem):
+@patch
+def _check_state_value(self:Optimizer, k, p, name, v, per_elem):
     "Raise if state `name` = `v` of parameter index `k` (tensor `p`) cannot be stepped: wrong kind, dtype or shape"
     where = f"`state_dict` state `{name}` of parameter {k}"
     cur = self.state.get(p, {}).get(name)
@@ -631,7 +646,8 @@ def _saved_by_torch_optim(sd) -> bool:
     skeys = {k for st in sd['state'].values() if isinstance(st, Mapping) for k in st}
     return bool(gkeys & _torch_group_keys - {'betas', 'momentum', 'weight_decay'}) or bool(skeys & _torch_state_keys)
 
-def _load_state_dict(self,
+@patch
+def load_state_dict(self:Optimizer,
     sd:dict # A state dict in torch's format, or fastai's (`state` list and `hypers`)
 ):
     "Load a state dict in torch or fastai format; raises without changing anything if it does not fit"
@@ -657,10 +673,6 @@ def _load_state_dict(self,
     self.state = new_state
     if 'fastopt' in sd: self.skipped_steps = sd['fastopt'].get('skipped_steps', 0)
     for hook in getattr(self, '_optimizer_load_state_dict_post_hooks', {}).values(): hook(self)
-
-Optimizer._to_torch_format,Optimizer._check_state,Optimizer.load_state_dict = _to_torch_format,_check_state,_load_state_dict
-Optimizer._check_state_value = _check_state_value
-Optimizer._meta,Optimizer.state_dict,Optimizer._check_meta = _meta,_state_dict,_check_meta
 
 # %% ../nbs/00_optimizer.ipynb #87153606
 import importlib, importlib.util
@@ -689,6 +701,31 @@ def _lazy_fastai(g:dict, **factories):
     def __dir__(): return sorted({*g, *factories})
     __getattr__.names = tuple(factories)
     return __getattr__, __dir__
+
+# %% ../nbs/00_optimizer.ipynb #fc3123b3
+def _deprecated_alias(new:Callable, old:str, use:str|None=None) -> Callable:
+    "`new` under its old name `old`: each call warns that `old` is deprecated and says what to `use`"
+    @functools.wraps(new)
+    def _old(*args, **kwargs):
+        warnings.warn(f"`{old}` is deprecated and will be removed in the next release: use {use or f'`{new.__name__}`'}",
+                      DeprecationWarning, stacklevel=2)
+        return new(*args, **kwargs)
+    _old.__name__ = _old.__qualname__ = old
+    return _old
+
+def _deprecated_names(mod:str, fallback:Callable|None=None, **moved) -> Callable:
+    "A module `__getattr__` for module `mod`: each old name in `moved` ('new' or 'module:new') warns and gives the new one"
+    def __getattr__(name):
+        if name not in moved:
+            if fallback is not None: return fallback(name)
+            raise AttributeError(f"module {mod!r} has no attribute {name!r}")
+        where,_,new = moved[name].rpartition(':')
+        where = where or mod
+        warnings.warn(f"`{mod}.{name}` is deprecated and will be removed in the next release: use `{where}.{new}`",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(where), new)
+    __getattr__.names,__getattr__.deprecated = getattr(fallback, 'names', ()),tuple(moved)
+    return __getattr__
 
 # %% ../nbs/00_optimizer.ipynb #7bce68c2
 import functools, inspect
