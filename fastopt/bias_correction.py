@@ -8,14 +8,15 @@ Docs: https://fastopt.github.io/fastopt/bias_correction.html.md"""
 from __future__ import annotations
 from collections.abc import Iterable
 from numbers import Real
+import warnings
 import torch
 from torch import Tensor
-from .optimizer import Optimizer, accepts_torch_names
+from .optimizer import Optimizer, accepts_torch_names, _deprecated_names
 from .sgd import weight_decay, l2_reg, average_grad
 from .adaptive import average_sqr_grad, step_stat, rms_prop_step
 
 # %% auto #0
-__all__ = ['debias_weights', 'average_grad_adam', 'average_sqr_grad_adam', 'average_grad_min_n', 'average_sqr_grad_min_n',
+__all__ = ['corrections', 'average_grad_adam', 'average_sqr_grad_adam', 'average_grad_min_n', 'average_sqr_grad_min_n',
            'weight_ema', 'weight_adam', 'weight_min_n', 'average_grad_debiased', 'average_sqr_grad_debiased',
            'DebiasedAdam', 'eps_lr_step', 'eps_scaled_lr', 'average_centred_grad', 'centred_rms_prop_step',
            'CentredRMSProp']
@@ -35,24 +36,32 @@ def weight_min_n(beta, step):
     if abs(n - round(n)) < 1e-6: n = round(n)  # 1/(1-0.9) is 9.999999999999998 in floating point
     return 1 / min(n, step)
 
-debias_weights = {'none': weight_ema, 'adam': weight_adam, 'min_n': weight_min_n}
+corrections = {'none': weight_ema, 'adam': weight_adam, 'min_n': weight_min_n}
 
-def _weight(debias, beta, step):
+def _weight(correction, beta, step):
     if step is None: raise TypeError("Bias-corrected averages need the step count: put `step_stat` before them in the chain")
-    if debias not in debias_weights: raise ValueError(f"`debias` must be one of {sorted(debias_weights)}, got {debias!r}")
-    return debias_weights[debias](beta, step)
+    if correction not in corrections: raise ValueError(f"`correction` must be one of {sorted(corrections)}, got {correction!r}")
+    return corrections[correction](beta, step)
+
+def _correction(correction, debias):
+    "`correction`, or the value given by its old name `debias` (deprecated: `debias` is fastai's function of `adaptive`)"
+    if debias is None: return correction
+    warnings.warn("the `debias` keyword of the bias-corrected averages is deprecated: use `correction`", DeprecationWarning, stacklevel=3)
+    return debias
+
+__getattr__ = _deprecated_names(__name__, debias_weights='corrections')   # its old name
 
 # %% ../nbs/32_bias_correction.ipynb #83e0f13d
-def average_grad_debiased(p, mom, step=None, grad_avg=None, debias='adam', **kwargs):
-    "Keeps the bias-corrected average of the grads of `p` in `state`: g̃ += α_t (g - g̃), α_t from `debias`"
-    a = _weight(debias, mom, step)
+def average_grad_debiased(p, mom, step=None, grad_avg=None, correction='adam', debias=None, **kwargs):
+    "Keeps the bias-corrected average of the grads of `p` in `state`: g̃ += α_t (g - g̃), α_t from `correction`"
+    a = _weight(_correction(correction, debias), mom, step)
     if grad_avg is None: grad_avg = torch.zeros_like(p.grad.data)
     grad_avg.lerp_(p.grad.data, a)
     return {'grad_avg': grad_avg}
 
-def average_sqr_grad_debiased(p, sqr_mom, step=None, sqr_avg=None, debias='adam', **kwargs):
-    "Keeps the bias-corrected average of the squared grads of `p` in `state`: s += α_t (g² - s), α_t from `debias`"
-    a = _weight(debias, sqr_mom, step)
+def average_sqr_grad_debiased(p, sqr_mom, step=None, sqr_avg=None, correction='adam', debias=None, **kwargs):
+    "Keeps the bias-corrected average of the squared grads of `p` in `state`: s += α_t (g² - s), α_t from `correction`"
+    a = _weight(_correction(correction, debias), sqr_mom, step)
     if sqr_avg is None: sqr_avg = torch.zeros_like(p.grad.data)
     sqr_avg.mul_(1 - a).addcmul_(p.grad.data, p.grad.data, value=a)
     return {'sqr_avg': sqr_avg}
@@ -61,8 +70,8 @@ average_grad_debiased.defaults = dict(mom=0.9)
 average_sqr_grad_debiased.defaults = dict(sqr_mom=0.99)
 
 # %% ../nbs/32_bias_correction.ipynb #2db3700f
-def _fix(f, debias, name, doc):
-    def _inner(p, **kwargs): return f(p, **{**kwargs, 'debias': debias})
+def _fix(f, correction, name, doc):
+    def _inner(p, **kwargs): return f(p, **{**kwargs, 'correction': correction})
     _inner.__name__,_inner.__qualname__,_inner.__doc__,_inner.defaults = name,name,doc,f.defaults
     return _inner
 
@@ -80,14 +89,16 @@ def DebiasedAdam(
     sqr_mom:float=0.99, # Gradient squared moving average (β2) coefficient; N_s = 1/(1-sqr_mom)
     eps:float=1e-5, # Added for numerical stability
     wd:Real=0.01, # Optional weight decay (true or L2)
-    debias:str='adam', # Bias correction: 'adam' (1/(1-β^t)), 'min_n' (1/min(N, t)) or 'none'
-    decouple_wd:bool=True # Apply true weight decay (AdamW) or L2 regularization (Adam)
+    correction:str='adam', # Bias correction: 'adam' (1/(1-β^t)), 'min_n' (1/min(N, t)) or 'none'
+    decouple_wd:bool=True, # Apply true weight decay (AdamW) or L2 regularization (Adam)
+    debias:str|None=None, # Deprecated name of `correction`
 ) -> Optimizer:
-    "Adam with the bias correction `debias`, as averaging callbacks and an RMSProp step"
-    if debias not in debias_weights: raise ValueError(f"`debias` must be one of {sorted(debias_weights)}, got {debias!r}")
+    "Adam with the bias correction `correction`, as averaging callbacks and an RMSProp step"
+    correction = _correction(correction, debias)
+    if correction not in corrections: raise ValueError(f"`correction` must be one of {sorted(corrections)}, got {correction!r}")
     cbs = [weight_decay] if decouple_wd else [l2_reg]
-    cbs += [step_stat, _fix(average_grad_debiased, debias, f'average_grad_{debias}', ''),
-            _fix(average_sqr_grad_debiased, debias, f'average_sqr_grad_{debias}', ''), rms_prop_step]
+    cbs += [step_stat, _fix(average_grad_debiased, correction, f'average_grad_{correction}', ''),
+            _fix(average_sqr_grad_debiased, correction, f'average_sqr_grad_{correction}', ''), rms_prop_step]
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 # %% ../nbs/32_bias_correction.ipynb #2e0d28ed

@@ -7,15 +7,14 @@ Docs: https://fastopt.github.io/fastopt/precision.html.md"""
 # %% ../nbs/22_precision.ipynb #48a6e97b
 from __future__ import annotations
 from collections.abc import Callable, Iterable, MutableSequence
-from numbers import Real
 import torch
 from torch import Tensor
-from .optimizer import Optimizer, _cb_defaults, _update, accepts_torch_names
+from .optimizer import Optimizer, _cb_defaults, _update, _deprecated_alias
 from .adaptive import Adam
 from .lookahead import Lookahead
 
 # %% auto #0
-__all__ = ['precision_modes', 'FP32Math', 'fp32_math', 'AdamWKahan']
+__all__ = ['precision_modes', 'FP32Math', 'fp32_math']
 
 # %% ../nbs/22_precision.ipynb #f5dc6c7a
 _low_precision = (torch.bfloat16, torch.float16)
@@ -78,14 +77,6 @@ def fp32_math(
     return opt
 
 # %% ../nbs/22_precision.ipynb #cf31f058
-@accepts_torch_names
-def AdamWKahan(
-    params:Tensor|Iterable, # Model parameters
-    lr:float|slice, # Default learning rate
-    mom:float=0.9, # Gradient moving average (β1) coefficient
-    sqr_mom:float=0.99, # Gradient squared moving average (β2) coefficient
-    eps:float=1e-5, # Added for numerical stability
-    wd:Real=0.01, # True (decoupled) weight decay
-) -> Optimizer:
-    "AdamW with fp32 math and Kahan-compensated updates for bf16/fp16 params (plain AdamW for fp32 ones)"
+def _adamw_kahan(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01):
     return fp32_math(Adam(params, lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=True), 'kahan')
+AdamWKahan = _deprecated_alias(_adamw_kahan, 'AdamWKahan', "`fp32_math(Adam(params, lr), 'kahan')` (or `fastopt.zoo.KahanAdamW`, torch-optimi's recipe)")

@@ -11,15 +11,15 @@ from functools import partial
 from numbers import Real
 import torch
 from torch import Tensor
-from .optimizer import Optimizer, hyper_checks, _real_in, accepts_torch_names
+from .optimizer import Optimizer, register_hyper_check, _real_in, accepts_torch_names, _deprecated_alias
 from .sgd import weight_decay, l2_reg, average_grad
 from .adaptive import average_sqr_grad, step_stat, adam_step
-from .stability import amsgrad_sqr_avg
+from .stability import amsgrad_sqr_avg, adam_eps_step, stable_adam_step
+from .bias_correction import average_grad_adam, average_sqr_grad_adam
 
 # %% auto #0
-__all__ = ['nadam_step', 'NAdam', 'amsgrad_step', 'AMSGrad', 'average_inf_grad', 'adamax_step', 'Adamax', 'stable_adamw_step',
-           'StableAdamW', 'debiased_beta', 'debiased_average_grad', 'debiased_average_sqr_grad', 'kahan_adam_step',
-           'KahanAdamW']
+__all__ = ['nadam_step', 'NAdam', 'AMSGrad', 'average_inf_grad', 'adamax_step', 'Adamax', 'StableAdamW', 'debiased_beta',
+           'kahan_adam_step', 'KahanAdamW']
 
 # %% ../nbs/41_adam_variants.ipynb #4e0252d3
 def _adam_cbs(decouple_wd, *rest):
@@ -38,7 +38,7 @@ def nadam_step(p, lr, mom, sqr_mom, mom_decay, step, grad_avg, sqr_avg, eps, mu_
     return {'mu_product': mu_product}
 
 nadam_step.defaults = dict(mom_decay=4e-3, eps=1e-8)
-hyper_checks['mom_decay'] = _real_in(0)
+register_hyper_check('mom_decay', _real_in(0))
 
 # %% ../nbs/41_adam_variants.ipynb #19d547e1
 @accepts_torch_names(momentum_decay='mom_decay')
@@ -56,9 +56,8 @@ def NAdam(
     return Optimizer(params, _adam_cbs(decouple_wd, nadam_step), lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, mom_decay=mom_decay)
 
 # %% ../nbs/41_adam_variants.ipynb #591d5d87
-def amsgrad_step(p, max_sqr_avg, **kwargs):
-    "`adam_step` dividing by the running maximum `max_sqr_avg` instead of `sqr_avg`"
-    return adam_step(p, **{**kwargs, 'sqr_avg': max_sqr_avg})
+def _amsgrad_step(p, max_sqr_avg, **kwargs): return adam_step(p, **{**kwargs, 'sqr_avg': max_sqr_avg})
+amsgrad_step = _deprecated_alias(_amsgrad_step, 'amsgrad_step', "`adam_eps_step`, which divides by `max_sqr_avg` when the chain keeps one")
 
 # %% ../nbs/41_adam_variants.ipynb #768c71a5
 @accepts_torch_names
@@ -72,7 +71,7 @@ def AMSGrad(
     decouple_wd:bool=False, # Apply true weight decay (torch's `AdamW(amsgrad=True)`) or L2 (`Adam(amsgrad=True)`)
 ) -> Optimizer:
     "An AMSGrad `Optimizer` (torch's `Adam(amsgrad=True)` and its defaults)"
-    return Optimizer(params, _adam_cbs(decouple_wd, amsgrad_sqr_avg, amsgrad_step), lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, _adam_cbs(decouple_wd, amsgrad_sqr_avg, adam_eps_step), lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 # %% ../nbs/41_adam_variants.ipynb #579cd8cb
 def average_inf_grad(p, sqr_mom, eps, inf_avg=None, **kwargs):
@@ -103,15 +102,7 @@ def Adamax(
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 # %% ../nbs/41_adam_variants.ipynb #fad35253
-def stable_adamw_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, wd, do_wd=True, **kwargs):
-    "AdamW step (weight decay included) with `lr` divided by `max(1, RMS(grad/sqrt(v_hat)))`, AdaFactor's update clipping"
-    sqr_hat = sqr_avg / (1 - sqr_mom**step)
-    rms = (p.grad.data.square() / sqr_hat.clamp(min=eps**2)).mean().sqrt()
-    lr_t = lr / rms.clamp(min=1.)
-    if do_wd and wd != 0: p.data.mul_(1 - lr_t*wd)
-    p.data.sub_(lr_t / (1 - mom**step) * grad_avg / sqr_hat.sqrt_().add_(eps))
-
-stable_adamw_step.defaults = dict(eps=1e-6, wd=1e-2)
+stable_adamw_step = _deprecated_alias(stable_adam_step, 'stable_adamw_step')
 
 # %% ../nbs/41_adam_variants.ipynb #9f9fe041
 @accepts_torch_names
@@ -124,30 +115,13 @@ def StableAdamW(
     wd:Real=1e-2, # Decoupled weight decay
 ) -> Optimizer:
     "A StableAdamW `Optimizer` (torch-optimi's `StableAdamW` and its defaults)"
-    cbs = [partial(average_grad, dampening=True), average_sqr_grad, step_stat, stable_adamw_step]
+    cbs = [partial(average_grad, dampening=True), average_sqr_grad, step_stat, stable_adam_step]
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 # %% ../nbs/41_adam_variants.ipynb #cf287a27
 def debiased_beta(beta, step):
     "The coefficient `beta*(1-beta**(step-1))/(1-beta**step)` that makes an average of the gradients its own debiased value"
     return (beta**step - beta) / (beta**step - 1)
-
-def debiased_average_grad(p, mom, step, grad_avg=None, **kwargs):
-    "Keep the debiased average of the gradients (Adam's `m_hat`) in `grad_avg`"
-    if grad_avg is None: grad_avg = torch.zeros_like(p.grad.data)
-    grad_avg.lerp_(p.grad.data, 1 - debiased_beta(mom, step))
-    return {'grad_avg': grad_avg}
-
-debiased_average_grad.defaults = dict(mom=0.9)
-
-def debiased_average_sqr_grad(p, sqr_mom, step, sqr_avg=None, **kwargs):
-    "Keep the debiased average of the squared gradients (Adam's `v_hat`) in `sqr_avg`"
-    if sqr_avg is None: sqr_avg = torch.zeros_like(p.grad.data)
-    b = debiased_beta(sqr_mom, step)
-    sqr_avg.mul_(b).addcmul_(p.grad.data, p.grad.data, value=1-b)
-    return {'sqr_avg': sqr_avg}
-
-debiased_average_sqr_grad.defaults = dict(sqr_mom=0.99)
 
 def kahan_adam_step(p, lr, eps, grad_avg, sqr_avg, kahan_comp=None, **kwargs):
     "Adam step from debiased averages; for fp16/bf16 `p`, added through the Kahan compensation buffer `kahan_comp`"
@@ -163,6 +137,10 @@ def kahan_adam_step(p, lr, eps, grad_avg, sqr_avg, kahan_comp=None, **kwargs):
 
 kahan_adam_step.defaults = dict(eps=1e-6)
 
+# %% ../nbs/41_adam_variants.ipynb #454d025b
+debiased_average_grad = _deprecated_alias(average_grad_adam, 'debiased_average_grad')
+debiased_average_sqr_grad = _deprecated_alias(average_sqr_grad_adam, 'debiased_average_sqr_grad')
+
 # %% ../nbs/41_adam_variants.ipynb #989b9cec
 @accepts_torch_names
 def KahanAdamW(
@@ -174,5 +152,5 @@ def KahanAdamW(
     wd:Real=1e-2, # Decoupled weight decay
 ) -> Optimizer:
     "AdamW with Kahan-compensated updates for bf16/fp16 weights (torch-optimi's `AdamW(kahan_sum=True)` and its defaults)"
-    cbs = [weight_decay, step_stat, debiased_average_grad, debiased_average_sqr_grad, kahan_adam_step]
+    cbs = [weight_decay, step_stat, average_grad_adam, average_sqr_grad_adam, kahan_adam_step]
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)

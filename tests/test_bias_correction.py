@@ -17,17 +17,17 @@ def _avgs(cb, xs, **hyper):
 
 
 @pytest.mark.parametrize('beta', [0.5, 0.9, 0.99, 0.999])
-@pytest.mark.parametrize('debias', ['adam', 'min_n'])
-def test_debiased_average_of_constant_is_constant(beta, debias):
+@pytest.mark.parametrize('correction', ['adam', 'min_n'])
+def test_debiased_average_of_constant_is_constant(beta, correction):
     c = torch.tensor([3., -2., 1e-3], dtype=torch.float64)
-    for a in _avgs(partial(average_grad_debiased, debias=debias), [c] * 50, mom=beta):
+    for a in _avgs(partial(average_grad_debiased, correction=correction), [c] * 50, mom=beta):
         torch.testing.assert_close(a, c, rtol=1e-12, atol=0)
-    for s in _avgs(partial(average_sqr_grad_debiased, debias=debias), [c] * 50, sqr_mom=beta):
+    for s in _avgs(partial(average_sqr_grad_debiased, correction=correction), [c] * 50, sqr_mom=beta):
         torch.testing.assert_close(s, c**2, rtol=1e-12, atol=0)
 
 
 def test_plain_ema_is_biased():
-    a = _avgs(partial(average_grad_debiased, debias='none'), [torch.ones(1, dtype=torch.float64)] * 3, mom=0.9)
+    a = _avgs(partial(average_grad_debiased, correction='none'), [torch.ones(1, dtype=torch.float64)] * 3, mom=0.9)
     torch.testing.assert_close(torch.cat(a), torch.tensor([0.1, 0.19, 0.271], dtype=torch.float64))
 
 
@@ -85,15 +85,15 @@ def test_debiased_adam_equals_adam_and_torch(decouple_wd):
 
 def test_min_n_adam_differs_from_adam_but_trains():
     m1, m2 = _model(), _model()
-    o1, o2 = DebiasedAdam(m1.parameters(), lr=1e-2, debias='min_n'), DebiasedAdam(m2.parameters(), lr=1e-2)
+    o1, o2 = DebiasedAdam(m1.parameters(), lr=1e-2, correction='min_n'), DebiasedAdam(m2.parameters(), lr=1e-2)
     _run(m1, o1, 5); _run(m2, o2, 5)
     # step 1 is identical (both averages are g), later steps differ (1/t vs (1-β)/(1-β^t))
     assert not torch.allclose(m1[0].weight, m2[0].weight)
     assert o1.state[m1[0].weight]['step'] == 5
 
 
-def test_bad_debias():
-    with pytest.raises(ValueError, match="'adamw'"): DebiasedAdam(_model().parameters(), lr=1e-2, debias='adamw')
+def test_bad_correction():
+    with pytest.raises(ValueError, match="'adamw'"): DebiasedAdam(_model().parameters(), lr=1e-2, correction='adamw')
     p = torch.zeros(2); p.grad = torch.ones(2)
     with pytest.raises(TypeError, match='step_stat'): average_sqr_grad_min_n(p, sqr_mom=0.9)
     with pytest.raises(ValueError, match='`eps`'): eps_scaled_lr(1e-3, 0.)

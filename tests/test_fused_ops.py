@@ -3,11 +3,17 @@ within a measured bound where torch's own kernels are not correctly rounded (fp3
 SLEEF) or add in another order (reductions); whole bf16/fp16 chains within an ulp; Kahan summation survives fusion"""
 import pytest, torch
 from hypothesis import given, settings, strategies as st, HealthCheck
-from fastopt import Optimizer, Adam, KahanAdamW, AdamWKahan
+from fastopt import Optimizer, Adam, fp32_math
+from fastopt.zoo import KahanAdamW
 from fastopt.fused.cpu import ulps
 from fastopt.fused.lower import rewrites
 from fastopt.fused.trace import ELEMENTWISE, REDUCTIONS, CREATORS
 from test_precision import mlp_problem, rel_err   # the small regression problem the precision tests use
+
+
+def adamw_kahan(ps, **kw):
+    "AdamW with fp32 math and Kahan-compensated rounding into bf16 params"
+    return fp32_math(Adam(ps, **kw), 'kahan')
 
 torch.set_num_threads(1)
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -147,8 +153,8 @@ def train_mlp(make_opt, dtype, engine, steps=150, seed=0):
     assert getattr(opt.engine, 'failed', None) is None
     return torch.cat([p.detach().float().flatten() for p in ps])
 
-@pytest.mark.parametrize('make', [lambda ps: KahanAdamW(ps, lr=1e-3, wd=0.01), lambda ps: AdamWKahan(ps, lr=1e-3, eps=1e-6, wd=0.01)],
-                         ids=['KahanAdamW', 'AdamWKahan'])
+@pytest.mark.parametrize('make', [lambda ps: KahanAdamW(ps, lr=1e-3, wd=0.01), lambda ps: adamw_kahan(ps, lr=1e-3, eps=1e-6, wd=0.01)],
+                         ids=['KahanAdamW', 'fp32_math-kahan'])
 @pytest.mark.parametrize('seed', [0, 1])
 def test_kahan_survives_fusion(make, seed):
     "Kahan-compensated bf16 AdamW keeps its accuracy on the fused engine: as close to the fp32 run as eager, far closer than plain bf16"

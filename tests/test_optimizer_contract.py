@@ -86,7 +86,7 @@ CASES = {
     'LambTimm':          (fastopt.LambTimm, {}),
     'GuardedAdam':       (fastopt.GuardedAdam, {}),
     'Muon':              (fastopt.Muon, {}),   # Muon for the 2-D weights, AdamW for the biases: the model has both
-    'AdamWKahan':        (fastopt.AdamWKahan, {}),
+    'Adam-fp32-kahan':   (lambda params, **kw: fastopt.fp32_math(fastopt.Adam(params, **kw), 'kahan'), {}),
     'DebiasedAdam':      (fastopt.DebiasedAdam, {}),
     'CentredRMSProp':    (fastopt.CentredRMSProp, {}),
     'PerExampleAdam':    (fastopt.PerExampleAdam, {}),     # without `PerExampleSqrGrads` hooks: squared batch gradients

@@ -142,7 +142,6 @@ SAME = [
     (fastopt.DebiasedAdam, dict(lr=0.1, betas=(0.8, 0.9), weight_decay=0.1), dict(lr=0.1, mom=0.8, sqr_mom=0.9, wd=0.1)),
     (fastopt.CentredRMSProp, dict(lr=0.1, alpha=0.9, momentum=0.5), dict(lr=0.1, sqr_mom=0.9, mom=0.5)),
     (fastopt.GuardedAdam, dict(lr=0.1, betas=(0.8, 0.9), weight_decay=0.1), dict(lr=0.1, mom=0.8, sqr_mom=0.9, wd=0.1)),
-    (fastopt.AdamWKahan, dict(lr=0.1, betas=(0.8, 0.9), weight_decay=0.1), dict(lr=0.1, mom=0.8, sqr_mom=0.9, wd=0.1)),
     (fastopt.PerExampleAdam, dict(lr=0.1, betas=(0.8, 0.9), weight_decay=0.1), dict(lr=0.1, mom=0.8, sqr_mom=0.9, wd=0.1)),
     (fastopt.PerExampleRMSProp, dict(lr=0.1, alpha=0.9, weight_decay=0.1), dict(lr=0.1, sqr_mom=0.9, wd=0.1)),
     (fastopt.demo.Signum, dict(lr=0.1, momentum=0.8, weight_decay=0.1), dict(lr=0.1, mom=0.8, wd=0.1)),
