@@ -13,36 +13,46 @@ from .sgd import *
 from .adaptive import *
 from .layerwise import *
 from .lookahead import *
+from .combine import *
 from .wrapper import *
 from .torch_compat import *
 from .smooth import *
-from .zoo_lion_adan import *
-from .zoo_adam_variants import *
-from .zoo_muon import *
-from .zoo_lamb import *
-from .zoo import *
 from .precision import *
 from .bias_correction import *
 from .fused import *
 from . import optim as optim  # torch's signatures and defaults, as `fastopt.optim.Adam`; its names would shadow fastai's above, so not `*`
+from . import zoo as zoo      # the optimizer zoo, as `fastopt.zoo.Lion`
 
 # fastai's callbacks are built on first use (see `_lazy_fastai` in `fastopt.optimizer`), so that `import fastopt` does
 # not import fastai, which takes a second or more. `from .x import *` would build them, so these modules' other names
 # are imported one by one, and the callbacks come through this module's `__getattr__`.
 from functools import partial as _partial
-from . import batch_size, stability, zoo_schedule_free, per_example, optim_stats
-from .optimizer import _lazy_fastai, get_default_engine
-_mods = (batch_size, stability, zoo_schedule_free, per_example, optim_stats)
+from . import batch_size, stability, per_example, optim_stats
+from .optimizer import _lazy_fastai, _deprecated_names, get_default_engine
+_mods = (batch_size, stability, per_example, optim_stats)
 _lazy = {n: _partial(getattr, m, n) for m in _mods for n in m.__getattr__.names}
 globals().update({n: getattr(m, n) for m in _mods for n in m.__all__ if n not in _lazy})
-__all__ = [n for n in globals() if not n.startswith('_') and n != 'optim'] + list(_lazy)  # `from fastopt import *`, as before
+__all__ = [n for n in globals() if not n.startswith('_') and n not in ('optim', 'zoo')] + list(_lazy)  # `from fastopt import *`
 _lazy_getattr,__dir__ = _lazy_fastai(globals(), **_lazy)  # without fastai it takes them out of `__all__`
 
+# names that moved: served for one release with a `DeprecationWarning` saying where they are now
+_zoo_names = ['lion_step', 'lion_momentum', 'Lion', 'average_grad_diff', 'adan_sqr_avg', 'adan_step', 'prox_weight_decay', 'Adan',
+              'nadam_step', 'NAdam', 'AMSGrad', 'average_inf_grad', 'adamax_step', 'Adamax', 'StableAdamW', 'debiased_beta',
+              'kahan_adam_step', 'KahanAdamW', 'schedule_free_weights', 'schedule_free_adam_step', 'ScheduleFreeOptimizer',
+              'ScheduleFreeAdamW', 'ScheduleFreeCallback', 'zeropower_via_newtonschulz', 'muon_lr', 'muon_step', 'is_matrix',
+              'Muon', 'lamb_paper_step', 'LambPaper', 'lamb_timm_step', 'LambTimm', 'zoo_optimizers', 'zoo_optimizer']
+_moved = {**{n: f'fastopt.zoo:{n}' for n in _zoo_names}, 'tst_param': 'fastopt.sgd:tst_param',
+          'AdamWKahan': 'fastopt.precision:AdamWKahan', 'debiased_average_grad': 'fastopt.bias_correction:average_grad_adam',
+          'debiased_average_sqr_grad': 'fastopt.bias_correction:average_sqr_grad_adam',
+          'stable_adamw_step': 'fastopt.stability:stable_adam_step', 'amsgrad_step': 'fastopt.stability:adam_eps_step',
+          'default_engine': 'fastopt.optimizer:get_default_engine'}
+_moved_getattr = _deprecated_names('fastopt', _lazy_getattr, **_moved)
+
 def __getattr__(name):
-    if name == 'default_engine':   # a module global that `import *` copied, so it read 'eager' while the default was 'auto'
+    if name == 'default_engine':   # was a module global that `import *` copied, so it read 'eager' while the default was 'auto'
         import warnings
         warnings.warn("`fastopt.default_engine` is deprecated: use `fastopt.get_default_engine()` and `set_default_engine()`",
                       DeprecationWarning, stacklevel=2)
         return get_default_engine()
-    return _lazy_getattr(name)
+    return _moved_getattr(name)
 __getattr__.names = _lazy_getattr.names

@@ -116,9 +116,9 @@ fastopt_opts = {
 }
 
 zoo_opts = {name: partial(f, lr=1e-3, wd=0.01) for name,f in [
-    ('lion', fastopt.Lion), ('adan', fastopt.Adan), ('nadam', fastopt.NAdam), ('amsgrad', fastopt.AMSGrad),
-    ('adamax', fastopt.Adamax), ('stable_adamw', fastopt.StableAdamW), ('schedule_free_adamw', fastopt.ScheduleFreeAdamW),
-    ('kahan_adamw', fastopt.KahanAdamW), ('lamb_paper', fastopt.LambPaper), ('lamb_timm', fastopt.LambTimm)]}
+    ('lion', fastopt.zoo.Lion), ('adan', fastopt.zoo.Adan), ('nadam', fastopt.zoo.NAdam), ('amsgrad', fastopt.zoo.AMSGrad),
+    ('adamax', fastopt.zoo.Adamax), ('stable_adamw', fastopt.zoo.StableAdamW), ('schedule_free_adamw', fastopt.zoo.ScheduleFreeAdamW),
+    ('kahan_adamw', fastopt.zoo.KahanAdamW), ('lamb_paper', fastopt.zoo.LambPaper), ('lamb_timm', fastopt.zoo.LambTimm)]}
 
 grad_modes = {
     'kept': "gradients kept: the same tensors every step (fastai's `zero_grad`)",

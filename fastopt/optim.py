@@ -14,7 +14,7 @@ from .optimizer import Optimizer, hyper_checks, _is_bool, _real_in, named_optimi
 from .sgd import weight_decay, l2_reg, average_grad
 from .adaptive import average_sqr_grad, step_stat, num_sqrt
 from .stability import amsgrad_sqr_avg
-from .zoo_adam_variants import nadam_step, average_inf_grad, adamax_step
+from .zoo.adam_variants import nadam_step, average_inf_grad, adamax_step
 
 # %% auto #0
 __all__ = ['maximize_grad', 'sgd_momentum', 'torch_sgd_step', 'max_sqr_grad', 'torch_adam_step', 'centered_grad_avg',

@@ -728,7 +728,7 @@ def _deprecated_names(mod:str, fallback:Callable|None=None, **moved) -> Callable
     return __getattr__
 
 # %% ../nbs/00_optimizer.ipynb #7bce68c2
-import functools, inspect
+import inspect
 from typing import Annotated
 
 

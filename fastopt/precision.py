@@ -6,7 +6,7 @@ Docs: https://fastopt.github.io/fastopt/precision.html.md"""
 
 # %% ../nbs/22_precision.ipynb #48a6e97b
 from __future__ import annotations
-from collections.abc import Callable, Iterable, MutableSequence
+from collections.abc import Callable, MutableSequence
 import torch
 from torch import Tensor
 from .optimizer import Optimizer, _cb_defaults, _update, _deprecated_alias

@@ -13,11 +13,11 @@ from torch import Tensor
 from .optimizer import Optimizer, accepts_torch_names
 
 # %% auto #0
-__all__ = ['tst_param', 'sgd_step', 'weight_decay', 'l2_reg', 'average_grad', 'momentum_step', 'SGD']
+__all__ = ['sgd_step', 'weight_decay', 'l2_reg', 'average_grad', 'momentum_step', 'SGD']
 
 # %% ../nbs/01_sgd.ipynb #104f3986
 def tst_param(val, grad=None):
-    "Create a tensor with `val` and a gradient of `grad` for testing"
+    "Create a tensor with `val` and a gradient of `grad` for testing (the examples' helper, as in fastai: not part of the API)"
     res = torch.tensor([val]).float()
     res.grad = torch.tensor([val/10 if grad is None else grad]).float()
     return res

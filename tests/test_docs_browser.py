@@ -235,7 +235,7 @@ def test_every_page_offline_toc_no_overflow(site, browser):
         if browser.find_elements('css selector', '.katex-error'): bad.append(f"{page}: formulas KaTeX could not typeset")
         if (raw := browser.execute_script(_RAW_TEX)): bad.append(f"{page}: raw TeX left: {raw}")
     assert not bad, '\n'.join(bad)
-    _load(browser, f'{site}/lamb_variants.html')
+    _load(browser, f'{site}/zoo.lamb.html')
     _shot(browser, 'docs_toc_lamb_variants.png')
 
 def test_narrow_window(site, browser):

@@ -38,7 +38,7 @@ try: fastopt.NoSuchName
 except AttributeError as e: res['unknown'] = str(e)
 from fastopt import BatchSizeRescale  # imports fastai
 from fastai.callback.core import Callback
-import fastopt.batch_size, fastopt.stability, fastopt.zoo_schedule_free, fastopt.per_example
+import fastopt.batch_size, fastopt.stability, fastopt.zoo.schedule_free, fastopt.per_example
 res['classes'] = {{}}
 for n,m in {LAZY!r}.items():
     mod = getattr(fastopt, m)

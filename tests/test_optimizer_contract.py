@@ -74,18 +74,18 @@ CASES = {
     'Larc':              (fastopt.Larc, {}),
     'Lamb':              (fastopt.Lamb, {}),
     'ranger':            (fastopt.ranger, dict(k=2)),   # k=2: the lookahead pull happens within the tests' few steps
-    'Lion':              (fastopt.Lion, {}),
-    'Adan':              (fastopt.Adan, {}),
-    'NAdam':             (fastopt.NAdam, {}),
-    'Adamax':            (fastopt.Adamax, {}),
-    'AMSGrad':           (fastopt.AMSGrad, {}),
-    'StableAdamW':       (fastopt.StableAdamW, {}),
-    'ScheduleFreeAdamW': (fastopt.ScheduleFreeAdamW, {}),
-    'KahanAdamW':        (fastopt.KahanAdamW, {}),
-    'LambPaper':         (fastopt.LambPaper, {}),
-    'LambTimm':          (fastopt.LambTimm, {}),
+    'Lion':              (fastopt.zoo.Lion, {}),
+    'Adan':              (fastopt.zoo.Adan, {}),
+    'NAdam':             (fastopt.zoo.NAdam, {}),
+    'Adamax':            (fastopt.zoo.Adamax, {}),
+    'AMSGrad':           (fastopt.zoo.AMSGrad, {}),
+    'StableAdamW':       (fastopt.zoo.StableAdamW, {}),
+    'ScheduleFreeAdamW': (fastopt.zoo.ScheduleFreeAdamW, {}),
+    'KahanAdamW':        (fastopt.zoo.KahanAdamW, {}),
+    'LambPaper':         (fastopt.zoo.LambPaper, {}),
+    'LambTimm':          (fastopt.zoo.LambTimm, {}),
     'GuardedAdam':       (fastopt.GuardedAdam, {}),
-    'Muon':              (fastopt.Muon, {}),   # Muon for the 2-D weights, AdamW for the biases: the model has both
+    'Muon':              (fastopt.zoo.Muon, {}),   # Muon for the 2-D weights, AdamW for the biases: the model has both
     'Adam-fp32-kahan':   (lambda params, **kw: fastopt.fp32_math(fastopt.Adam(params, **kw), 'kahan'), {}),
     'DebiasedAdam':      (fastopt.DebiasedAdam, {}),
     'CentredRMSProp':    (fastopt.CentredRMSProp, {}),
@@ -205,7 +205,7 @@ def test_deliberate_differences():
     assert g['betas'] == (0.9, 0.99) and g['weight_decay'] == 0.01 and 'betas' not in dict.keys(g)
     assert opt.defaults['betas'] == (0.9, 0.99)
     assert inspect.signature(fastopt.Adam).parameters['decouple_wd'].default is True
-    assert inspect.signature(fastopt.NAdam).parameters['decouple_wd'].default is False
+    assert inspect.signature(fastopt.zoo.NAdam).parameters['decouple_wd'].default is False
     t = torch.zeros(3, requires_grad=True)
     assert fastopt.SGD(t, lr=LR).param_groups[0]['params'] == [t]
     with pytest.raises(TypeError): torch.optim.SGD(t, lr=LR)

@@ -1,6 +1,6 @@
 import pytest, torch
 import optimi
-from fastopt import NAdam, AMSGrad, Adamax, StableAdamW, KahanAdamW
+from fastopt.zoo import NAdam, AMSGrad, Adamax, StableAdamW, KahanAdamW
 from zoo_helpers import run_pair, groups, max_diff
 
 G2 = [{'lr': 3e-3}, {'wd': 0.}]           # ours: two groups, different lr and wd

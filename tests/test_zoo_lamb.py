@@ -1,6 +1,7 @@
 import math, pytest, torch
 from pytorch_optimizer import Lamb as RefLamb
-from fastopt import Lamb, LambPaper, LambTimm
+from fastopt import Lamb
+from fastopt.zoo import LambPaper, LambTimm
 from zoo_helpers import run_pair, groups, max_diff, make_model
 
 LRS = [3e-3, 1e-3]

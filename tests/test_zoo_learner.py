@@ -1,7 +1,7 @@
 "Every zoo optimizer is a torch optimizer and trains a fastai Learner as its `opt_func` (digits MLP, 2 epochs)"
 import random, pytest, torch
 from torch import nn
-from fastopt import zoo_optimizers, zoo_optimizer
+from fastopt.zoo import zoo_optimizers, zoo_optimizer
 
 @pytest.fixture(scope='module')
 def digits():

@@ -1,7 +1,7 @@
 import pytest, torch
 from lion_pytorch import Lion as RefLion
 from pytorch_optimizer import Adan as RefAdan
-from fastopt import Lion, Adan
+from fastopt.zoo import Lion, Adan
 from zoo_helpers import run_pair, groups, max_diff
 
 def test_lion_matches_lion_pytorch():

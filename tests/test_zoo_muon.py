@@ -1,6 +1,6 @@
 import pytest, torch
 from torch import nn
-from fastopt import Muon, zeropower_via_newtonschulz
+from fastopt.zoo import Muon, zeropower_via_newtonschulz
 from torch.optim._muon import _zeropower_via_newtonschulz
 from zoo_helpers import run_pair, split, max_diff
 

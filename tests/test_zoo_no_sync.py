@@ -1,7 +1,7 @@
 "The zoo's callbacks never bring a tensor value to the host (no `.item()`, `float(t)`, `if t:`), so a GPU step never stalls per tensor"
 import pytest, torch
 from torch import nn
-from fastopt import zoo_optimizers
+from fastopt.zoo import zoo_optimizers
 
 @pytest.fixture
 def no_host_sync(monkeypatch):

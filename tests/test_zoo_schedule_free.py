@@ -1,7 +1,7 @@
 import random, io, pytest, torch
 from torch import nn
 from schedulefree import AdamWScheduleFree
-from fastopt import ScheduleFreeAdamW, ScheduleFreeCallback
+from fastopt.zoo import ScheduleFreeAdamW, ScheduleFreeCallback
 from zoo_helpers import run_pair, groups, max_diff
 
 @pytest.mark.parametrize('kw,rkw', [
