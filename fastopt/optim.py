@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from functools import partial
 import torch
 from torch import Tensor
-from .optimizer import Optimizer, hyper_checks, _is_bool, _real_in, named_optimizer
+from .optimizer import Optimizer, register_hyper_checks, _is_bool, _real_in, named_optimizer
 from .sgd import weight_decay, l2_reg, average_grad
 from .adaptive import average_sqr_grad, step_stat, num_sqrt
 from .stability import amsgrad_sqr_avg
@@ -26,7 +26,7 @@ def maximize_grad(p, maximize=False, **kwargs):
     if maximize: p.grad = p.grad.data.neg()   # a new tensor: the engines give `p` its own gradient back after the step
 
 maximize_grad.defaults = dict(maximize=False)
-hyper_checks.update(maximize=_is_bool, amsgrad=_is_bool, centered=_is_bool, nesterov=_is_bool)
+register_hyper_checks(maximize=_is_bool, amsgrad=_is_bool, centered=_is_bool, nesterov=_is_bool)
 
 # %% ../nbs/06_optim.ipynb #f53df4ea
 def sgd_momentum(p, mom, dampening, grad_avg=None, **kwargs):

@@ -18,9 +18,9 @@ from fastcore.foundation import L
 from fastcore.basics import even_mults, patch
 
 # %% auto #0
-__all__ = ['hyper_checks', 'engines', 'register_hyper_check', 'check_hyper', 'ParamGroup', 'Hypers', 'step_hypers', 'EagerEngine',
-           'get_default_engine', 'set_default_engine', 'get_engine', 'Optimizer', 'all_finite', 'named_optimizer',
-           'accepts_torch_names']
+__all__ = ['hyper_checks', 'engines', 'register_hyper_check', 'register_hyper_checks', 'check_hyper', 'ParamGroup', 'Hypers',
+           'step_hypers', 'EagerEngine', 'get_default_engine', 'set_default_engine', 'get_engine', 'Optimizer',
+           'all_finite', 'named_optimizer', 'accepts_torch_names']
 
 # %% ../nbs/00_optimizer.ipynb #3c0bb6dd
 def _is_real(v):
@@ -75,6 +75,10 @@ def register_hyper_check(name:str, check:Callable):
     if not isinstance(name, str) or not callable(check): raise TypeError(f"`register_hyper_check` needs a name (str) and a callable, got {name!r}, {check!r}")
     hyper_checks[name] = check
     return check
+
+def register_hyper_checks(**checks:Callable):
+    "`register_hyper_check` for each `name=check`"
+    for name,check in checks.items(): register_hyper_check(name, check)
 
 def check_hyper(name, v, shown=None):
     "Raise a `TypeError`/`ValueError` naming `name` (or `shown`) and `v` if `v` is not a valid value for hyper-parameter `name`"

@@ -13,7 +13,7 @@ from copy import deepcopy
 from functools import partial
 from numbers import Integral, Real
 import torch
-from .optimizer import Optimizer, hyper_checks, _real_in, _is_bool, _lazy_fastai, accepts_torch_names
+from .optimizer import Optimizer, register_hyper_checks, _real_in, _is_bool, _lazy_fastai, accepts_torch_names
 from .sgd import weight_decay, l2_reg, average_grad
 from .adaptive import average_sqr_grad, step_stat, debias
 from .smooth import SmoothLoss
@@ -23,7 +23,7 @@ __all__ = ['adam_eps_step', 'amsgrad_sqr_avg', 'adam_atan2_step', 'stable_adam_s
            'BlowupGuard']
 
 # %% ../nbs/34_stability.ipynb #8931283d
-hyper_checks.update(eps_inside=_is_bool, atan2_a=_real_in(0, lo_open=True), atan2_b=_real_in(0, lo_open=True))
+register_hyper_checks(eps_inside=_is_bool, atan2_a=_real_in(0, lo_open=True), atan2_b=_real_in(0, lo_open=True))
 
 def _sqr_avg_hat(sqr_avg, max_sqr_avg, sqr_mom, step):
     "Debiased second moment: of AMSGrad's running max when the chain keeps one"
@@ -65,7 +65,7 @@ def stable_adam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, wd=0., d
 stable_adam_step.defaults = dict(eps=1e-6, wd=0.)
 
 # %% ../nbs/34_stability.ipynb #dc94dea1
-hyper_checks.update(v_floor_ratio=_real_in(0, 1), v_floor_mom=_real_in(0, 1))
+register_hyper_checks(v_floor_ratio=_real_in(0, 1), v_floor_mom=_real_in(0, 1))
 
 def guarded_adam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, v_floor_ratio=1e-2, v_floor_mom=0.9999,
                       v_scale=None, max_sqr_avg=None, **kwargs):

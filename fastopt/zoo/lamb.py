@@ -11,7 +11,7 @@ from functools import partial
 from numbers import Real
 import torch
 from torch import Tensor
-from ..optimizer import Optimizer, hyper_checks, _real_in, _is_bool, accepts_torch_names
+from ..optimizer import Optimizer, register_hyper_check, register_hyper_checks, _real_in, _is_bool, accepts_torch_names
 from ..sgd import weight_decay, average_grad
 from ..adaptive import average_sqr_grad, step_stat, num_sqrt
 
@@ -29,7 +29,7 @@ def lamb_paper_step(p, lr, mom, step, grad_avg, sqr_avg, eps, wd, max_w_norm=10.
     return {'trust_ratio': q}
 
 lamb_paper_step.defaults = dict(max_w_norm=10., eps=1e-6, wd=0.)
-hyper_checks['max_w_norm'] = _real_in(0, lo_open=True)
+register_hyper_check('max_w_norm', _real_in(0, lo_open=True))
 
 # %% ../../nbs/44_zoo.lamb.ipynb #4a566ff9
 @accepts_torch_names
@@ -66,7 +66,7 @@ def lamb_timm_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, wd, trust_
 
 lamb_timm_step.defaults = dict(eps=1e-6, wd=0.01, trust_clip=False, always_adapt=False, bias_correction=True)
 
-hyper_checks.update(trust_clip=_is_bool, always_adapt=_is_bool, bias_correction=_is_bool)
+register_hyper_checks(trust_clip=_is_bool, always_adapt=_is_bool, bias_correction=_is_bool)
 
 # %% ../../nbs/44_zoo.lamb.ipynb #428f266d
 @accepts_torch_names

@@ -11,7 +11,7 @@ from functools import partial
 from numbers import Real
 import torch
 from torch import Tensor
-from ..optimizer import Optimizer, hyper_checks, _real_in, accepts_torch_names
+from ..optimizer import Optimizer, register_hyper_check, _real_in, accepts_torch_names
 from ..sgd import weight_decay, average_grad
 from ..adaptive import step_stat, num_sqrt
 
@@ -79,7 +79,7 @@ def prox_weight_decay(p, lr, wd, do_wd=True, **kwargs):
 
 prox_weight_decay.defaults = dict(wd=0.)
 
-hyper_checks['diff_mom'] = _real_in(0, 1, hi_open=True)
+register_hyper_check('diff_mom', _real_in(0, 1, hi_open=True))
 
 # %% ../../nbs/40_zoo.lion_adan.ipynb #5893f047
 @accepts_torch_names(betas=('mom', 'diff_mom', 'sqr_mom'))

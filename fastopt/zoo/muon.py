@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 from ..combine import branch
-from ..optimizer import Optimizer, hyper_checks, _is_real, _as_groups, _is_bool, accepts_torch_names
+from ..optimizer import Optimizer, register_hyper_checks, _is_real, _as_groups, _is_bool, accepts_torch_names
 from ..sgd import weight_decay, average_grad
 from ..adaptive import average_sqr_grad, step_stat, adam_step
 
@@ -73,7 +73,7 @@ def _check_adjust_lr_fn(name, v):
     if v not in (None, 'original', 'match_rms_adamw'):
         raise ValueError(f"Hyper-parameter `{name}` must be None, 'original' or 'match_rms_adamw', got {v!r}")
 
-hyper_checks.update(nesterov=_is_bool, ns_steps=_check_ns_steps, ns_coefficients=_check_ns_coefficients, adjust_lr_fn=_check_adjust_lr_fn)
+register_hyper_checks(nesterov=_is_bool, ns_steps=_check_ns_steps, ns_coefficients=_check_ns_coefficients, adjust_lr_fn=_check_adjust_lr_fn)
 
 # %% ../../nbs/43_zoo.muon.ipynb #21fedc2c
 @accepts_torch_names

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from numbers import Real
 import torch
 from torch import Tensor
-from ..optimizer import Optimizer, hyper_checks, _real_in, _is_bool, _lazy_fastai, _unhooked, accepts_torch_names
+from ..optimizer import Optimizer, register_hyper_checks, _real_in, _is_bool, _lazy_fastai, _unhooked, accepts_torch_names
 from ..adaptive import average_sqr_grad, step_stat
 
 # %% auto #0
@@ -43,7 +43,7 @@ def _nonneg_int(name, v):
     if isinstance(v, bool) or not isinstance(v, int): raise TypeError(f"Hyper-parameter `{name}` must be an int >= 0, got {v!r} of type {type(v).__name__}")
     if v < 0: raise ValueError(f"Hyper-parameter `{name}` must be an int >= 0, got {v!r}")
 
-hyper_checks.update(warmup_steps=_nonneg_int, r=_real_in(0), weight_lr_power=_real_in(0), train_mode=_is_bool)
+register_hyper_checks(warmup_steps=_nonneg_int, r=_real_in(0), weight_lr_power=_real_in(0), train_mode=_is_bool)
 
 # %% ../../nbs/42_zoo.schedule_free.ipynb #879f9049
 class ScheduleFreeOptimizer(Optimizer):
