@@ -108,7 +108,7 @@ _optim   = dict(lead=('maximize_grad',), decouple_arg='decoupled_weight_decay')
 
 torch_chains = [  # fastopt callback chains (weight decay aside) that step as a torch.optim class does, and the state they keep
     dict(torch='Adam',    cbs=(*_adam, 'adam_step'), state={'grad_avg', 'sqr_avg', 'step'}),
-    dict(torch='Adam',    cbs=(*_adam, 'amsgrad_sqr_avg', 'amsgrad_step'), state={'grad_avg', 'sqr_avg', 'max_sqr_avg', 'step'},
+    dict(torch='Adam',    cbs=(*_adam, 'amsgrad_sqr_avg', 'adam_eps_step'), state={'grad_avg', 'sqr_avg', 'max_sqr_avg', 'step'},
          flags={'amsgrad': True}),
     dict(torch='NAdam',   cbs=(*_adam, 'nadam_step'), state={'grad_avg', 'sqr_avg', 'step', 'mu_product'}),
     dict(torch='Adamax',  cbs=('average_grad(dampening=True)', 'average_inf_grad', 'step_stat', 'adamax_step'),

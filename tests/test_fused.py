@@ -6,6 +6,7 @@ import pytest, torch
 from torch import nn
 from hypothesis import given, settings, strategies as st, HealthCheck
 from fastopt import *
+from fastopt.zoo import Muon
 from fastopt.fused import FusedEngine, engine as fengine, trace as ftrace
 
 torch.set_num_threads(1)

@@ -71,11 +71,11 @@ RESUME = {  # name: (torch optimizer on groups, fastopt optimizer on groups (hyp
     'RMSprop-centered': (lambda gs: torch.optim.RMSprop(gs, centered=True, weight_decay=1e-2),
                          lambda gs: fo.CentredRMSProp(gs, lr=0.1, decouple_wd=False)),
     'Adam-amsgrad': (lambda gs: torch.optim.Adam(gs, amsgrad=True),
-                     lambda gs: fo.AMSGrad(gs, lr=0.1)),
+                     lambda gs: fo.zoo.AMSGrad(gs, lr=0.1)),
     'NAdam':       (lambda gs: torch.optim.NAdam(gs, momentum_decay=5e-3),
-                    lambda gs: fo.NAdam(gs, lr=0.1)),
+                    lambda gs: fo.zoo.NAdam(gs, lr=0.1)),
     'Adamax':      (lambda gs: torch.optim.Adamax(gs, weight_decay=1e-2),
-                    lambda gs: fo.Adamax(gs, lr=0.1)),
+                    lambda gs: fo.zoo.Adamax(gs, lr=0.1)),
 }
 
 
@@ -279,7 +279,7 @@ REFUSE = {  # name: (torch optimizer on groups, fastopt optimizer on groups, str
     'AdamW-into-L2': (lambda gs: torch.optim.AdamW(gs, weight_decay=0.1), lambda gs: fo.Adam(gs, lr=1e-3, decouple_wd=False),
                       ['`weight_decay=0.1`', 'decoupled', '`decouple_wd=True`']),
     'amsgrad': (lambda gs: torch.optim.Adam(gs, amsgrad=True), lambda gs: fo.Adam(gs, lr=1e-3), ['`amsgrad=True`', 'adam_step']),
-    'not-amsgrad': (lambda gs: torch.optim.Adam(gs), lambda gs: fo.AMSGrad(gs), ['`amsgrad=False`', 'amsgrad_step']),
+    'not-amsgrad': (lambda gs: torch.optim.Adam(gs), lambda gs: fo.zoo.AMSGrad(gs), ['`amsgrad=False`', 'adam_eps_step']),
     'maximize': (lambda gs: torch.optim.AdamW(gs, maximize=True), lambda gs: fo.Adam(gs, lr=1e-3), ['`maximize=True`']),
     'nesterov': (lambda gs: torch.optim.SGD(gs, momentum=0.9, nesterov=True), lambda gs: fo.SGD(gs, lr=0.1, mom=0.9),
                  ['torch.optim.SGD', '`nesterov=True`']),
