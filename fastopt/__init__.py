@@ -45,7 +45,7 @@ _moved = {**{n: f'fastopt.zoo:{n}' for n in _zoo_names}, 'tst_param': 'fastopt.s
           'AdamWKahan': 'fastopt.precision:AdamWKahan', 'debiased_average_grad': 'fastopt.bias_correction:average_grad_adam',
           'debiased_average_sqr_grad': 'fastopt.bias_correction:average_sqr_grad_adam',
           'stable_adamw_step': 'fastopt.stability:stable_adam_step', 'amsgrad_step': 'fastopt.stability:adam_eps_step',
-          'default_engine': 'fastopt.optimizer:get_default_engine'}
+          'rescale_batch_size': 'fastopt.batch_size:rescale_for_batch_size', 'default_engine': 'fastopt.optimizer:get_default_engine'}
 _moved_getattr = _deprecated_names('fastopt', _lazy_getattr, **_moved)
 
 def __getattr__(name):

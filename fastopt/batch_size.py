@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from numbers import Real
-from .optimizer import check_hyper, _lazy_fastai
+from .optimizer import check_hyper, _lazy_fastai, _deprecated_alias
 
 # %% auto #0
 __all__ = ['moms_hypers', 'batch_size_rules', 'lernapparat_rule', 'sqrt_rule', 'linear_rule', 'rescale_hypers',
-           'rescale_batch_size', 'BatchSizeRescale']
+           'rescale_for_batch_size', 'BatchSizeRescale']
 
 # %% ../nbs/31_batch_size.ipynb #188d8ef9
 moms_hypers = ('mom', 'sqr_mom', 'betas')  # the hypers that are EMA coefficients: β of `m ← β m + (1-β) g`
@@ -76,7 +76,7 @@ def rescale_hypers(
     if 'params' in h: res['params'] = h['params']
     return res
 
-def rescale_batch_size(
+def rescale_for_batch_size(
     opt, # A fastopt `Optimizer` or any `torch.optim.Optimizer`
     bs:Real, # The batch size its hypers were tuned for
     new_bs:Real, # The batch size to train with
@@ -88,6 +88,9 @@ def rescale_batch_size(
         for k,v in h.items():
             if k != 'params': g[k] = v
     return opt
+
+# %% ../nbs/31_batch_size.ipynb #da3f713b
+rescale_batch_size = _deprecated_alias(rescale_for_batch_size, 'rescale_batch_size')   # its old name
 
 # %% ../nbs/31_batch_size.ipynb #9733e82b
 def _batch_size_rescale():
@@ -112,7 +115,7 @@ def _batch_size_rescale():
             bs = find_bs(self.yb)
             if bs == self.base_bs: return
             self._saved = [{k:v for k,v in g.items() if k != 'params'} for g in self.opt.param_groups]
-            rescale_batch_size(self.opt, self.base_bs, bs, self.rule)
+            rescale_for_batch_size(self.opt, self.base_bs, bs, self.rule)
 
         def after_batch(self):
             "Put back the hypers the scheduler or the user set"

@@ -5,7 +5,7 @@ import pytest, torch
 from hypothesis import given, settings, strategies as st
 from fastopt import Adam
 from fastopt.batch_size import (lernapparat_rule, sqrt_rule, linear_rule, batch_size_rules, rescale_hypers,
-                                rescale_batch_size, BatchSizeRescale)
+                                rescale_for_batch_size, BatchSizeRescale)
 
 H = dict(lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.05)
 bss = st.sampled_from([1, 2, 3, 8, 16, 48, 64, 100, 256])
@@ -45,19 +45,20 @@ def test_bad_input_mutates_nothing():
     opt = Adam([torch.zeros(2, requires_grad=True)], lr=1e-3)
     opt.add_param_group({'params': [torch.zeros(1, requires_grad=True)], 'mom': 0.5})
     before = [dict(opt.hypers[i]) for i in range(2)]
-    with pytest.raises(ValueError, match='mom'): rescale_batch_size(opt, 1, 3, 'sqrt')  # group 1: 1-3*0.5 < 0
-    with pytest.raises(ValueError, match='new_bs'): rescale_batch_size(opt, 1, -3)
-    with pytest.raises(ValueError, match='new_bs'): rescale_batch_size(opt, 1, True)
-    with pytest.raises(TypeError, match='rule'): rescale_batch_size(opt, 1, 2, rule=3)
+    with pytest.raises(ValueError, match='mom'): rescale_for_batch_size(opt, 1, 3, 'sqrt')  # group 1: 1-3*0.5 < 0
+    with pytest.raises(ValueError, match='new_bs'): rescale_for_batch_size(opt, 1, -3)
+    with pytest.raises(ValueError, match='new_bs'): rescale_for_batch_size(opt, 1, True)
+    with pytest.raises(TypeError, match='rule'): rescale_for_batch_size(opt, 1, 2, rule=3)
     assert [dict(opt.hypers[i]) for i in range(2)] == before
 
 def test_torch_sgd():
     opt = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1, momentum=0.9)
-    rescale_batch_size(opt, 128, 512, 'linear')
+    rescale_for_batch_size(opt, 128, 512, 'linear')
     assert math.isclose(opt.param_groups[0]['lr'], 0.4) and opt.param_groups[0]['momentum'] == 0.9
 
 def _learner(bs, cbs=None, n=200):
     from fastai.learner import Learner
+    import fastai.callback.schedule  # noqa: F401  (patches `fit_one_cycle` and `lr_find` onto `Learner`)
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader
     torch.manual_seed(0)

@@ -32,6 +32,7 @@ def test_moved_helpers():
     assert _warned(lambda: fastopt.stable_adamw_step)[0] is stable_adam_step
     assert _warned(lambda: fastopt.amsgrad_step)[0] is adam_eps_step
     assert _warned(lambda: fastopt.default_engine)[0] == fastopt.get_default_engine()
+    assert _warned(lambda: fastopt.rescale_batch_size)[0] is fastopt.rescale_for_batch_size
     import fastopt.bias_correction as bc
     assert _warned(lambda: bc.debias_weights)[0] is bc.corrections
 
@@ -69,3 +70,22 @@ def test_old_debias_keyword():
     opt,_ = _warned(lambda: DebiasedAdam([tst_param(1.)], lr=1e-2, debias='min_n'))
     assert [getattr(cb, '__name__', '') for cb in opt.cbs][2] == 'average_grad_min_n'
     with pytest.raises(ValueError, match="`correction` must be one of"): DebiasedAdam([tst_param(1.)], lr=1e-2, correction='adamw')
+
+
+def _words(name):
+    "The words of a public name, in any order: `KahanAdamW` -> {adam, kahan, w}, `average_grad_adam` -> {adam, average, grad}"
+    return tuple(sorted(w.lower() for part in name.split('_') for w in __import__('re').findall(r'[A-Z]+(?![a-z])|[A-Z]?[a-z0-9]+', part)))
+
+
+def test_no_two_public_names_differ_only_in_word_order():
+    import importlib, pkgutil
+    names = set()
+    for m in pkgutil.walk_packages(fastopt.__path__, 'fastopt.'):
+        if m.name.split('.')[-1] in ('bench', 'demo', 'docs', 'cuda') or m.name.endswith('_modidx'): continue
+        names |= set(getattr(importlib.import_module(m.name), '__all__', ()))
+    by_words = {}
+    for n in sorted(names): by_words.setdefault(_words(n), set()).add(n)
+    # a class and the function that builds it (`Plan`, `plan`) are one name; other twins differ in word order
+    twins = [sorted(ns) for ns in by_words.values() if len({n.lower().replace('_', '') for n in ns}) > 1]
+    assert not twins, twins
+    assert _words('KahanAdamW') == _words('AdamWKahan') and _words('debiased_average_grad') == _words('average_grad_debiased')
