@@ -14,7 +14,7 @@ from fastcore.script import call_parse
 from .optimizer import Optimizer, _unhooked, _lazy_fastai
 
 # %% auto #0
-__all__ = ['InBackward', 'in_backward']
+__all__ = ['InBackward', 'in_backward', 'StepInBackward']
 
 # %% ../nbs/25_step_in_backward.ipynb #16acdc2c
 class _Part:
@@ -181,3 +181,45 @@ def in_backward(
 ) -> InBackward:
     "Step `opt` inside each backward pass and free the gradients; returns the handle (`.remove()`, or use it as a context manager)"
     return InBackward(opt, bucket_bytes, max_norm)
+
+# %% ../nbs/25_step_in_backward.ipynb #289b0759
+def _step_in_backward_callback():
+    "`StepInBackward`, defined on first use (see `_lazy_fastai`): fastai is imported then, not with fastopt"
+    from fastai.callback.core import Callback, CancelStepException
+    from fastai.callback.training import GradientAccumulation, GradientClip
+
+    class StepInBackward(Callback):
+        "fastai callback: step the `Learner`'s optimizer inside each backward pass (`in_backward`), freeing the gradients"
+        order = 50   # after `MixedPrecision` (10) made its scaler, so `before_fit` sees it
+        def __init__(self,
+            bucket_bytes:int=4*2**20, # Parameters stepped together; 0: each parameter alone
+            max_norm:float|None=None, # Clip each parameter's gradient by its own 2-norm before its step
+        ): self.bucket_bytes,self.max_norm,self.handle = bucket_bytes,max_norm,None
+
+        def before_fit(self):
+            self._remove()
+            for cb in self.learn.cbs:
+                for kind,why in ((GradientAccumulation, "accumulates the gradients of several batches before a step"),
+                                 (GradientClip, "clips by the norm of all the gradients together")):
+                    if isinstance(cb, kind):
+                        raise ValueError(f"StepInBackward cannot run with {type(cb).__name__}, which {why}: inside backward each "
+                                         "weight is stepped as soon as its own gradient is final (use `max_norm` to clip per tensor)")
+            scaler = getattr(self.learn, 'scaler', None)
+            if scaler is not None and scaler.is_enabled():
+                raise ValueError("StepInBackward cannot run with fp16 loss scaling (MixedPrecision's GradScaler), which unscales and "
+                                 "checks all the gradients before the step: use bf16 (`MixedPrecision('bf16')`), which needs no scaler")
+            self.handle = InBackward(self.learn.opt, self.bucket_bytes, self.max_norm)
+
+        def before_step(self):
+            if self.handle is None or not self.handle.active or self.handle.opt is not self.learn.opt:
+                raise RuntimeError("StepInBackward: the Learner's optimizer changed during fit; its hooks are on the old one")
+            raise CancelStepException()   # the step was taken inside backward
+
+        def _remove(self):
+            if self.handle is not None: self.handle.remove()
+            self.handle = None
+        def after_fit(self): self._remove()
+    return StepInBackward
+
+__getattr__,__dir__ = _lazy_fastai(globals(), StepInBackward=_step_in_backward_callback)
+_all_ = ['StepInBackward']
