@@ -14,7 +14,7 @@ from fastcore.script import call_parse
 from .optimizer import Optimizer, _unhooked, _lazy_fastai
 
 # %% auto #0
-__all__ = ['InBackward', 'in_backward', 'StepInBackward']
+__all__ = ['InBackward', 'in_backward', 'TinyGPT', 'memory_timeline', 'measure', 'to_markdown', 'plot', 'main', 'StepInBackward']
 
 # %% ../nbs/25_step_in_backward.ipynb #16acdc2c
 class _Part:
@@ -223,3 +223,156 @@ def _step_in_backward_callback():
 
 __getattr__,__dir__ = _lazy_fastai(globals(), StepInBackward=_step_in_backward_callback)
 _all_ = ['StepInBackward']
+
+# %% ../nbs/25_step_in_backward.ipynb #f0ed99b8
+class TinyGPT(nn.Module):
+    "A small GPT: token and position embeddings, `n_layer` causal pre-norm transformer blocks, a final norm and a head"
+    def __init__(self, vocab:int=8192, d:int=256, n_layer:int=4, n_head:int=4, ctx:int=64, tied:bool=False):
+        super().__init__()
+        self.tok,self.pos = nn.Embedding(vocab, d),nn.Embedding(ctx, d)
+        self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(d, n_head, 4*d, dropout=0., activation='gelu', batch_first=True,
+                                                               norm_first=True) for _ in range(n_layer))
+        self.ln,self.head = nn.LayerNorm(d),nn.Linear(d, vocab, bias=False)
+        if tied: self.head.weight = self.tok.weight
+    def forward(self, x):
+        T = x.shape[1]
+        h = self.tok(x) + self.pos(torch.arange(T, device=x.device))
+        mask = nn.Transformer.generate_square_subsequent_mask(T, device=x.device)
+        for b in self.blocks: h = b(h, src_mask=mask, is_causal=True)
+        return self.head(self.ln(h))
+
+# %% ../nbs/25_step_in_backward.ipynb #acee5763
+def memory_timeline(step) -> tuple[list, list, dict]:
+    "Run `step()` under the profiler: times (ms), bytes held by tensors above the start after each allocation or free, and the phases' (start, end) in ms"
+    from torch.profiler import profile, ProfilerActivity
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: step()
+    # the raw events: `prof.events()` files most allocations under the op that made them, not as '[memory]' events
+    evs = prof.profiler.kineto_results.events()
+    mem = sorted(((e.start_ns(), e.nbytes()) for e in evs if e.name() == '[memory]'))
+    phases = {e.name(): (e.start_ns(), e.end_ns()) for e in evs if e.name() in ('forward', 'backward', 'step')}
+    t0 = min(([mem[0][0]] if mem else []) + [s for s,_ in phases.values()], default=0)
+    ts,bs,cur = [0.],[0],0
+    for t,n in mem:
+        cur += n
+        ts.append((t - t0)/1e6); bs.append(cur)
+    return ts, bs, {k: ((s - t0)/1e6, (e - t0)/1e6) for k,(s,e) in phases.items()}
+
+# %% ../nbs/25_step_in_backward.ipynb #a5d1699d
+def _gpt_run(model, engine, inb, bucket_bytes, bs, T, seed=0):
+    "A closure taking one training step of `model` with fastopt's AdamW on `engine`, normal or in backward"
+    from fastopt.adaptive import Adam
+    from torch.profiler import record_function
+    opt = Adam(model.parameters(), lr=1e-3, wd=0.01)
+    opt.engine = engine
+    h = InBackward(opt, bucket_bytes) if inb else None
+    vocab,ctx = model.tok.num_embeddings,model.pos.num_embeddings
+    g = torch.Generator().manual_seed(seed)
+    def step():
+        x = torch.randint(0, vocab, (bs, T+1), generator=g)
+        with record_function('forward'): loss = nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        with record_function('backward'): loss.backward()
+        with record_function('step'): opt.step(); opt.zero_grad(set_to_none=True)
+    return step, opt, h
+
+def measure(
+    rounds:int=20, # interleaved timed steps of each configuration
+    engines:tuple=('eager', 'fused'), # the optimizer's engines
+    bucket_bytes:int=4*2**20, # `in_backward`'s bucket size
+    warmup:int=3, # untimed steps first (state, kernels)
+    batch:int=4, # sequences per batch
+    seq:int=32, # tokens per sequence
+    **gpt_kw # `TinyGPT`'s arguments
+) -> dict:
+    "Peak memory (profiler) and step times (interleaved rounds) of `TinyGPT` training steps, normal and in backward, per engine"
+    torch.manual_seed(0)
+    base = TinyGPT(**gpt_kw)
+    runs = {}
+    for eng in engines:
+        for inb in (False, True):
+            m = TinyGPT(**gpt_kw); m.load_state_dict(base.state_dict())
+            runs[(eng, inb)] = (m, *_gpt_run(m, eng, inb, bucket_bytes, batch, seq))
+    for _,(m,step,_,_) in runs.items():
+        for _ in range(warmup): step()
+    res = {}
+    for k,(m,step,opt,h) in runs.items():
+        ts,bs,phases = memory_timeline(step)
+        nparam = sum(p.numel() for p in m.parameters())
+        res[k] = dict(peak=max(bs), grads=sum(p.numel()*p.element_size() for p in m.parameters()), params=nparam, batch=batch, seq=seq,
+                      threads=torch.get_num_threads(),
+                      state=sum(v.numel()*v.element_size() for st in opt.state.values() for v in st.values() if isinstance(v, Tensor)),
+                      timeline=(ts, bs), phases=phases, times=[])
+    for _ in range(rounds):
+        for k,(m,step,_,_) in runs.items():
+            t = time.perf_counter(); step(); res[k]['times'].append(time.perf_counter() - t)
+    w = [(p0, p1) for p0,p1 in zip(runs[(engines[0], False)][0].parameters(), runs[(engines[0], True)][0].parameters())]
+    res['same_weights'] = all(torch.equal(a, b) for a,b in w)   # normal and in-backward steps: bit-identical
+    for _,(_,_,_,h) in runs.items():
+        if h is not None: h.remove()
+    return res
+
+# %% ../nbs/25_step_in_backward.ipynb #48fe6d20
+def _mib(b): return f"{b/2**20:.1f}"
+
+def to_markdown(results:dict) -> str:
+    "The table of `measure`'s results for each batch size in `results` (markdown)"
+    q = lambda ts: statistics.quantiles(ts, n=4, method='inclusive') if len(ts) > 1 else list(ts)*3
+    lines = ["| batch | engine | step | peak above start (MiB) | gradients (MiB) | peak drop (MiB) | step time, median (p25–p75) ms | time vs normal |",
+             "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for bs,res in results.items():
+        for (eng, inb),r in ((k, v) for k,v in res.items() if isinstance(k, tuple)):
+            n = res[(eng, False)]
+            med,(p25,_,p75) = statistics.median(r['times'])*1e3,[x*1e3 for x in q(r['times'])]
+            drop = _mib(n['peak'] - r['peak']) if inb else ''
+            rel = f"{statistics.median(r['times'])/statistics.median(n['times']):.3f}×" if inb else ''
+            lines.append(f"| {bs} | {eng} | {'in backward' if inb else 'normal'} | {_mib(r['peak'])} | {_mib(r['grads'])} | {drop} | "
+                         f"{med:.1f} ({p25:.1f}–{p75:.1f}) | {rel} |")
+    res = next(iter(results.values()))
+    r0 = next(v for k,v in res.items() if isinstance(k, tuple))
+    lines += ["", f"TinyGPT ({r0['seq']} tokens per sequence): {r0['params']/1e6:.2f}M parameters ({_mib(r0['grads'])} MiB of fp32 gradients), "
+              f"fastopt's AdamW, state {_mib(r0['state'])} MiB. Peaks from the profiler's memory events over one step (forward, backward, "
+              f"`step`, `zero_grad(set_to_none=True)`), above the bytes held at its start (parameters and state); times over "
+              f"{len(r0['times'])} interleaved rounds, {r0['threads']} CPU thread(s). Same weights, normal vs in backward, after all the "
+              f"steps: {all(r['same_weights'] for r in results.values())}."]
+    return '\n'.join(lines)
+
+def plot(res, path):
+    "Memory held by tensors over one step, normal vs in backward, for each engine (png at `path`)"
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    engs = list(dict.fromkeys(k[0] for k in res if isinstance(k, tuple)))
+    fig,axs = plt.subplots(1, len(engs), figsize=(6*len(engs), 3.8), squeeze=False)
+    for ax,eng in zip(axs[0], engs):
+        for inb,c in ((False, 'C0'), (True, 'C1')):
+            r = res[(eng, inb)]; ts,bs = r['timeline']
+            ax.step(ts, [b/2**20 for b in bs], where='post', color=c, label=f"{'in backward' if inb else 'normal'}: peak {_mib(r['peak'])} MiB")
+            batch = r['batch']
+            for name,(s,e) in r['phases'].items():
+                if not inb: ax.axvspan(s, e, color={'forward': '0.95', 'backward': '0.88', 'step': '0.8'}[name], zorder=0)
+        n = res[(eng, False)]
+        for name,(s,e) in n['phases'].items(): ax.text((s+e)/2, 0, name, ha='center', va='bottom', fontsize=8, color='0.3')
+        ax.axhline(n['grads']/2**20, ls=':', color='0.5', lw=1); ax.text(0, n['grads']/2**20, ' gradient bytes', va='bottom', fontsize=8, color='0.4')
+        ax.set(title=f"TinyGPT training step (batch {batch}), AdamW, {eng} engine", xlabel="ms since the step began (normal step's phases shaded)",
+               ylabel="MiB held by tensors above the start")
+        ax.legend(loc='upper left', fontsize=8)
+    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+
+# %% ../nbs/25_step_in_backward.ipynb #3c41e66e
+@call_parse
+def main(
+    rounds:int=20, # interleaved timed steps of each configuration
+    engines:str='eager,fused', # the optimizer's engines, comma separated
+    bucket_bytes:int=4*2**20, # `in_backward`'s bucket size
+    batches:str='2,8', # batch sizes (sequences of 32 tokens), comma separated; the picture shows the first
+    threads:int=1, # torch threads on CPU
+    md:str='nbs/images/step_in_backward.md', # write the table (markdown) here; '' for none
+    png:str='nbs/images/step_in_backward.png', # write the memory-over-a-step picture here; '' for none
+):
+    "Print (and write) the peak memory and step time of a TinyGPT training step, normal vs in backward, per engine"
+    torch.set_num_threads(threads)
+    engs = tuple(e for e in engines.split(',') if e)
+    results = {int(b): measure(rounds, engs, bucket_bytes, batch=int(b)) for b in batches.split(',') if b}
+    text = to_markdown(results)
+    print("\n" + text, flush=True)
+    if md: Path(md).write_text(text + "\n")
+    if png: plot(next(iter(results.values())), png)
+    return results

@@ -122,11 +122,16 @@ class _Run:
     __slots__ = ('idx', 'st0')
     def __init__(self, idx, st0): self.idx,self.st0 = idx,st0
 
-# %% ../../nbs/10g_fused.engine.ipynb #b870d8bb
+# %% ../../nbs/10g_fused.engine.ipynb #1fda9f88
+_deref = weakref.ref.__call__
+
 class _Cache:
     "What a bucket's parameters, gradients and state were checked to be at the last step: identities and data pointers"
     def __init__(self, states, keys, grads, gptrs, tensors):
-        self.states,self.keys,self.grads,self.gptrs,self.tensors = states,keys,grads,gptrs,tensors
+        self.states,self.keys,self.gptrs,self.tensors = states,keys,gptrs,tensors
+        # weak references: the cache must not keep a step's gradients alive after `zero_grad(set_to_none=True)` (or after
+        # a step inside backward, which frees them) drops them; a gradient that is gone is simply not the same tensor
+        self.grads = list(map(weakref.ref, grads))
         self.nkeys = sum(map(len, states))
         self.arrays = {k: array('q', map(Tensor.data_ptr, ts)) for k,ts in tensors.items()}
         self.taken = None   # the parameters' and state's addresses, sorted (made when a step brings new gradients)
@@ -231,11 +236,11 @@ class FusedEngine:
                 if b.sharded: ts = list(map(_local, ts))
                 if not all(map(is_, ts, old)) or array('q', map(Tensor.data_ptr, ts)) != c.arrays[k]: return None
         except (KeyError, TypeError, AttributeError): return None
-        if not all(map(is_, grads, c.grads)):   # new gradient tensors (zero_grad(set_to_none=True)): check them in bulk
+        if not all(map(is_, grads, map(_deref, c.grads))):   # new gradient tensors (zero_grad(set_to_none=True)): check them in bulk
             if not b.fits(grads): return None
             ga = array('q', map(Tensor.data_ptr, grads))
             if _aliased(b, c, ga): return None
-            c.grads,c.gptrs = grads,ga
+            c.grads,c.gptrs = list(map(weakref.ref, grads)),ga
         pk = c.keys[2]
         if not pk: return [_Run(None, states[0])]
         vals = list(map(operator.itemgetter(*pk), states))
