@@ -257,7 +257,7 @@ def memory_timeline(step) -> tuple[list, list, dict]:
         ts.append((t - t0)/1e6); bs.append(cur)
     return ts, bs, {k: ((s - t0)/1e6, (e - t0)/1e6) for k,(s,e) in phases.items()}
 
-# %% ../nbs/25_step_in_backward.ipynb #a5d1699d
+# %% ../nbs/25_step_in_backward.ipynb #dc95534d
 def _gpt_run(model, engine, inb, bucket_bytes, bs, T, seed=0):
     "A closure taking one training step of `model` with fastopt's AdamW on `engine`, normal or in backward"
     from fastopt.adaptive import Adam
@@ -265,7 +265,7 @@ def _gpt_run(model, engine, inb, bucket_bytes, bs, T, seed=0):
     opt = Adam(model.parameters(), lr=1e-3, wd=0.01)
     opt.engine = engine
     h = InBackward(opt, bucket_bytes) if inb else None
-    vocab,ctx = model.tok.num_embeddings,model.pos.num_embeddings
+    vocab = model.tok.num_embeddings
     g = torch.Generator().manual_seed(seed)
     def step():
         x = torch.randint(0, vocab, (bs, T+1), generator=g)
