@@ -24,6 +24,7 @@ from .zoo import *
 from .precision import *
 from .bias_correction import *
 from .fused import *
+from .step_in_backward import InBackward as InBackward, in_backward as in_backward   # not `*`: its measuring helpers (`main`, `measure`, ...) stay in the module
 from . import optim as optim  # torch's signatures and defaults, as `fastopt.optim.Adam`; its names would shadow fastai's above, so not `*`
 
 # fastai's callbacks are built on first use (see `_lazy_fastai` in `fastopt.optimizer`), so that `import fastopt` does
@@ -34,6 +35,8 @@ from . import batch_size, stability, zoo_schedule_free, per_example, optim_stats
 from .optimizer import _lazy_fastai, get_default_engine
 _mods = (batch_size, stability, zoo_schedule_free, per_example, optim_stats)
 _lazy = {n: _partial(getattr, m, n) for m in _mods for n in m.__getattr__.names}
+from . import step_in_backward as _sib
+_lazy['StepInBackward'] = _partial(getattr, _sib, 'StepInBackward')
 globals().update({n: getattr(m, n) for m in _mods for n in m.__all__ if n not in _lazy})
 __all__ = [n for n in globals() if not n.startswith('_') and n != 'optim'] + list(_lazy)  # `from fastopt import *`, as before
 _lazy_getattr,__dir__ = _lazy_fastai(globals(), **_lazy)  # without fastai it takes them out of `__all__`
