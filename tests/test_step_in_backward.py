@@ -147,6 +147,7 @@ def test_no_double_step():
     "`opt.step()` after a backward pass inside which the step was taken changes nothing; `step(closure)` steps once"
     m = make_model(); opt = fo.Adam(m.parameters(), lr=1e-2)
     h = in_backward(opt)
+    assert isinstance(h, InBackward) and h.active
     x = batches(1)[0]
     loss_of(m, x).backward()
     w,sd = [p.clone() for p in m.parameters()],opt.state_dict()
