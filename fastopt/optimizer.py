@@ -492,6 +492,8 @@ def _zero_grad(self, set_to_none:bool=False):
                 if p.grad.grad_fn is not None: p.grad.detach_()
                 else: p.grad.requires_grad_(False)
                 p.grad.zero_()
+    release = getattr(self.engine, 'release_grads', None)   # an engine that caches the gradients lets them go
+    if set_to_none and release is not None: release(self)
 
 def _clear_state(self):
     "Forget the optimizer state, keeping only `force_train` and `do_wd`"

@@ -66,7 +66,7 @@ def _nonfinite_error(opt):
     return ValueError(f"`in_backward`: the optimizer has `nonfinite={opt.nonfinite!r}`, which checks all the gradients before any "
                       "weight moves; inside backward each weight moves as soon as its own gradient is final. Set `opt.nonfinite = None`")
 
-# %% ../nbs/25_step_in_backward.ipynb #8506d42c
+# %% ../nbs/25_step_in_backward.ipynb #73512db5
 class InBackward:
     "Step `opt` inside the backward pass: each bucket of parameters as soon as its gradients are final, then free them"
     def __init__(self,
@@ -152,8 +152,11 @@ class InBackward:
             grads = [p.grad for p in ready]
             norms = torch._foreach_norm(grads)
             torch._foreach_mul_(grads, [torch.clamp(self.max_norm/(n + 1e-6), max=1.0) for n in norms])  # as `clip_grad_norm_` per tensor
-        if type(opt)._grads_ok(b.part): self._engine().step(b.part)
+        eng = self._engine()
+        if type(opt)._grads_ok(b.part): eng.step(b.part)
         for p in ready: p.grad = None
+        release = getattr(eng, 'release_grads', None)   # the fused engine's cache lets the gradients go too
+        if release is not None: release(b.part)
         opt._opt_called = True   # a torch lr scheduler knows a step was taken (it warns when `step` is never called)
         self.stepped['buckets'] += 1; self.stepped['params'] += len(ready)
 
