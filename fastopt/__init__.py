@@ -24,22 +24,26 @@ from .zoo import *
 from .precision import *
 from .bias_correction import *
 from .fused import *
-from .step_in_backward import InBackward as InBackward, in_backward as in_backward   # not `*`: its measuring helpers (`main`, `measure`, ...) stay in the module
 from . import optim as optim  # torch's signatures and defaults, as `fastopt.optim.Adam`; its names would shadow fastai's above, so not `*`
 
 # fastai's callbacks are built on first use (see `_lazy_fastai` in `fastopt.optimizer`), so that `import fastopt` does
 # not import fastai, which takes a second or more. `from .x import *` would build them, so these modules' other names
 # are imported one by one, and the callbacks come through this module's `__getattr__`.
 from functools import partial as _partial
+import importlib as _importlib
 from . import batch_size, stability, zoo_schedule_free, per_example, optim_stats
 from .optimizer import _lazy_fastai, get_default_engine
 _mods = (batch_size, stability, zoo_schedule_free, per_example, optim_stats)
 _lazy = {n: _partial(getattr, m, n) for m in _mods for n in m.__getattr__.names}
-from . import step_in_backward as _sib
-_lazy['StepInBackward'] = _partial(getattr, _sib, 'StepInBackward')
+
 globals().update({n: getattr(m, n) for m in _mods for n in m.__all__ if n not in _lazy})
-__all__ = [n for n in globals() if not n.startswith('_') and n != 'optim'] + list(_lazy)  # `from fastopt import *`, as before
-_lazy_getattr,__dir__ = _lazy_fastai(globals(), **_lazy)  # without fastai it takes them out of `__all__`
+# `fastopt.step_in_backward` is imported on first use of its names, so that `python -m fastopt.step_in_backward` runs it
+# fresh (runpy warns about a module the package imported already); its measuring helpers (`main`, `measure`, ...) stay there
+_in_backward_names = ('in_backward', 'InBackward')
+_lazy['StepInBackward'] = lambda: getattr(_importlib.import_module('fastopt.step_in_backward'), 'StepInBackward')
+__all__ = [n for n in globals() if not n.startswith('_') and n != 'optim'] + list(_in_backward_names) + list(_lazy)  # `from fastopt import *`
+_lazy_getattr,_lazy_dir = _lazy_fastai(globals(), **_lazy)  # without fastai it takes them out of `__all__`
+def __dir__(): return sorted({*_lazy_dir(), *_in_backward_names})
 
 def __getattr__(name):
     if name == 'default_engine':   # a module global that `import *` copied, so it read 'eager' while the default was 'auto'
@@ -47,5 +51,6 @@ def __getattr__(name):
         warnings.warn("`fastopt.default_engine` is deprecated: use `fastopt.get_default_engine()` and `set_default_engine()`",
                       DeprecationWarning, stacklevel=2)
         return get_default_engine()
+    if name in _in_backward_names: return getattr(_importlib.import_module('fastopt.step_in_backward'), name)
     return _lazy_getattr(name)
 __getattr__.names = _lazy_getattr.names
