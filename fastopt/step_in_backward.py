@@ -1,4 +1,4 @@
-"""Step each parameter as soon as its gradient is final, then free that gradient: the peak memory of a training step drops by about the gradient bytes, with the same optimizer, the same callbacks, the same engine and bit-identical weights.
+"""Step each parameter as soon as its gradient is final, then free that gradient: the gradients of a step never all exist at once, so its peak memory drops by up to the gradient bytes, with the same optimizer, callbacks and engine, and bit-identical weights.
 
 Docs: https://fastopt.github.io/fastopt/step_in_backward.html.md"""
 
@@ -16,7 +16,7 @@ from .optimizer import Optimizer, _unhooked, _lazy_fastai
 # %% auto #0
 __all__ = ['InBackward', 'in_backward', 'TinyGPT', 'memory_timeline', 'measure', 'to_markdown', 'plot', 'main', 'StepInBackward']
 
-# %% ../nbs/25_step_in_backward.ipynb #16acdc2c
+# %% ../nbs/25_step_in_backward.ipynb #4eb3173a
 class _Part:
     "One bucket of `opt`'s parameters from one of its groups, seen as an optimizer by an engine"
     def __init__(self, opt, gi, params): self.opt,self.gi,self.params = opt,gi,params
@@ -38,7 +38,7 @@ class _Bucket:
     __slots__ = ('part', 'params', 'n', 'arrived')
     def __init__(self, opt, gi, params): self.part,self.params,self.n,self.arrived = _Part(opt, gi, params),params,len(params),0
 
-# %% ../nbs/25_step_in_backward.ipynb #af1e12ec
+# %% ../nbs/25_step_in_backward.ipynb #a9584c18
 def _buckets(opt, order, bucket_bytes):
     "Split the parameters, in `order` (indices into the flat list), into buckets of one group and at most `bucket_bytes`"
     flat = [(gi, p) for gi,g in enumerate(opt.param_groups) for p in g['params']]
@@ -66,7 +66,7 @@ def _nonfinite_error(opt):
     return ValueError(f"`in_backward`: the optimizer has `nonfinite={opt.nonfinite!r}`, which checks all the gradients before any "
                       "weight moves; inside backward each weight moves as soon as its own gradient is final. Set `opt.nonfinite = None`")
 
-# %% ../nbs/25_step_in_backward.ipynb #73512db5
+# %% ../nbs/25_step_in_backward.ipynb #702136b0
 class InBackward:
     "Step `opt` inside the backward pass: each bucket of parameters as soon as its gradients are final, then free them"
     def __init__(self,
@@ -176,7 +176,7 @@ class InBackward:
         return (f"InBackward({type(self.opt).__name__}, {len(self.params)} params in {len(self.buckets)} buckets, "
                 f"{'active' if self.active else 'removed'})")
 
-# %% ../nbs/25_step_in_backward.ipynb #ba7257e3
+# %% ../nbs/25_step_in_backward.ipynb #759fbb75
 def in_backward(
     opt:Optimizer, # A fastopt `Optimizer` (any callbacks, any engine)
     bucket_bytes:int=4*2**20, # Parameters stepped together (one kernel with the fused engine); 0: each parameter alone
@@ -185,7 +185,7 @@ def in_backward(
     "Step `opt` inside each backward pass and free the gradients; returns the handle (`.remove()`, or use it as a context manager)"
     return InBackward(opt, bucket_bytes, max_norm)
 
-# %% ../nbs/25_step_in_backward.ipynb #289b0759
+# %% ../nbs/25_step_in_backward.ipynb #9a2ab582
 def _step_in_backward_callback():
     "`StepInBackward`, defined on first use (see `_lazy_fastai`): fastai is imported then, not with fastopt"
     from fastai.callback.core import Callback, CancelStepException
@@ -227,7 +227,7 @@ def _step_in_backward_callback():
 __getattr__,__dir__ = _lazy_fastai(globals(), StepInBackward=_step_in_backward_callback)
 _all_ = ['StepInBackward']
 
-# %% ../nbs/25_step_in_backward.ipynb #f0ed99b8
+# %% ../nbs/25_step_in_backward.ipynb #498913f2
 class TinyGPT(nn.Module):
     "A small GPT: token and position embeddings, `n_layer` causal pre-norm transformer blocks, a final norm and a head"
     def __init__(self, vocab:int=8192, d:int=256, n_layer:int=4, n_head:int=4, ctx:int=64, tied:bool=False):
@@ -244,7 +244,7 @@ class TinyGPT(nn.Module):
         for b in self.blocks: h = b(h, src_mask=mask, is_causal=True)
         return self.head(self.ln(h))
 
-# %% ../nbs/25_step_in_backward.ipynb #acee5763
+# %% ../nbs/25_step_in_backward.ipynb #0e178d18
 def memory_timeline(step) -> tuple[list, list, dict]:
     "Run `step()` under the profiler: times (ms), bytes held by tensors above the start after each allocation or free, and the phases' (start, end) in ms"
     from torch.profiler import profile, ProfilerActivity
@@ -260,7 +260,7 @@ def memory_timeline(step) -> tuple[list, list, dict]:
         ts.append((t - t0)/1e6); bs.append(cur)
     return ts, bs, {k: ((s - t0)/1e6, (e - t0)/1e6) for k,(s,e) in phases.items()}
 
-# %% ../nbs/25_step_in_backward.ipynb #dc95534d
+# %% ../nbs/25_step_in_backward.ipynb #cf300b58
 def _gpt_run(model, engine, inb, bucket_bytes, bs, T, seed=0):
     "A closure taking one training step of `model` with fastopt's AdamW on `engine`, normal or in backward"
     from fastopt.adaptive import Adam
@@ -313,7 +313,7 @@ def measure(
         if h is not None: h.remove()
     return res
 
-# %% ../nbs/25_step_in_backward.ipynb #48fe6d20
+# %% ../nbs/25_step_in_backward.ipynb #e5ed19b2
 def _mib(b): return f"{b/2**20:.1f}"
 
 def to_markdown(results:dict) -> str:
@@ -353,16 +353,17 @@ def plot(res, path):
                 if not inb: ax.axvspan(s, e, color={'forward': '0.95', 'backward': '0.88', 'step': '0.8'}[name], zorder=0)
         n = res[(eng, False)]
         for name,(s,e) in n['phases'].items(): ax.text((s+e)/2, 0, name, ha='center', va='bottom', fontsize=8, color='0.3')
-        ax.axhline(n['grads']/2**20, ls=':', color='0.5', lw=1); ax.text(0, n['grads']/2**20, ' gradient bytes', va='bottom', fontsize=8, color='0.4')
+        ax.axhline(n['grads']/2**20, ls=':', color='0.5', lw=1)
+        ax.text(max(n['timeline'][0]), n['grads']/2**20, 'gradient bytes ', ha='right', va='bottom', fontsize=8, color='0.4')
         ax.set(title=f"TinyGPT training step (batch {batch}), AdamW, {eng} engine", xlabel="ms since the step began (normal step's phases shaded)",
                ylabel="MiB held by tensors above the start")
         ax.legend(loc='upper left', fontsize=8)
     fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
 
-# %% ../nbs/25_step_in_backward.ipynb #3c41e66e
+# %% ../nbs/25_step_in_backward.ipynb #7b2e51e4
 @call_parse
 def main(
-    rounds:int=20, # interleaved timed steps of each configuration
+    rounds:int=30, # interleaved timed steps of each configuration
     engines:str='eager,fused', # the optimizer's engines, comma separated
     bucket_bytes:int=4*2**20, # `in_backward`'s bucket size
     batches:str='2,8', # batch sizes (sequences of 32 tokens), comma separated; the picture shows the first
