@@ -257,6 +257,9 @@ def test_refused():
     with pytest.raises(TypeError, match='overrides `step`'): in_backward(fo.Lookahead(fo.Adam(ps(), lr=1e-3)))
     with pytest.raises(ValueError, match='bucket_bytes'): in_backward(fo.Adam(ps(), lr=1e-3), bucket_bytes=-1)
     with pytest.raises(ValueError, match='max_norm'): in_backward(fo.Adam(ps(), lr=1e-3), max_norm=0)
+    opt = fo.Adam(ps(), lr=1e-3); h = in_backward(opt)
+    with pytest.raises(RuntimeError, match='already steps inside backward'): in_backward(opt)
+    h.remove(); in_backward(opt).remove()   # after `remove`, again
     m = make_model(); opt = fo.Adam(m.parameters(), lr=1e-3)
     in_backward(opt)
     opt.nonfinite = 'raise'   # set after the hooks: the first step inside backward refuses
