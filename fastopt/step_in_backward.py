@@ -38,7 +38,7 @@ class _Bucket:
     __slots__ = ('part', 'params', 'n', 'arrived')
     def __init__(self, opt, gi, params): self.part,self.params,self.n,self.arrived = _Part(opt, gi, params),params,len(params),0
 
-# %% ../nbs/25_step_in_backward.ipynb #a9584c18
+# %% ../nbs/25_step_in_backward.ipynb #c5a75c83
 def _buckets(opt, order, bucket_bytes):
     "Split the parameters, in `order` (indices into the flat list), into buckets of one group and at most `bucket_bytes`"
     flat = [(gi, p) for gi,g in enumerate(opt.param_groups) for p in g['params']]
@@ -61,6 +61,10 @@ def _check_optimizer(opt):
         raise TypeError(f"`in_backward`: {type(opt).__name__} overrides `step` (e.g. Lookahead's sync of all weights every k steps); "
                         "only the callbacks' per-parameter steps can run inside backward")
     if opt.nonfinite is not None: raise _nonfinite_error(opt)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError("`in_backward` with torch.distributed (world size > 1): DDP averages a gradient over the ranks after it "
+                           "is final on this rank, so a step inside backward would use the local gradient; step normally")
 
 def _nonfinite_error(opt):
     return ValueError(f"`in_backward`: the optimizer has `nonfinite={opt.nonfinite!r}`, which checks all the gradients before any "

@@ -266,6 +266,12 @@ def test_refused():
     with pytest.raises(ValueError, match='nonfinite'): loss_of(m, batches(1)[0]).backward()
 
 
+def test_refused_under_ddp(monkeypatch):
+    monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: True)
+    monkeypatch.setattr(torch.distributed, 'get_world_size', lambda *a, **k: 2)
+    with pytest.raises(RuntimeError, match='DDP'): in_backward(fo.SGD(make_model().parameters(), lr=0.1))
+
+
 def test_an_error_inside_backward_leaves_the_handle_usable():
     from fastopt.zoo_schedule_free import ScheduleFreeAdamW
     m = make_model(); opt = ScheduleFreeAdamW(m.parameters(), lr=1e-3)
