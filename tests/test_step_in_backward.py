@@ -324,3 +324,11 @@ def test_learner_refuses_conflicts():
         learn = make_learner([fo.StepInBackward(), cb])
         with pytest.raises(ValueError, match=what): fit(learn, lambda l: l.fit(1))
         assert all(not getattr(c, 'handle', None) for c in learn.cbs)
+
+
+def test_learner_bf16_autocast():
+    "bf16 mixed precision needs no loss scaler: allowed, and the same weights as without the callback"
+    from fastopt.fastai_amp import DeviceMixedPrecision
+    a = fit(make_learner([DeviceMixedPrecision('bf16')]), lambda l: l.fit(1, 1e-2))
+    b = fit(make_learner([DeviceMixedPrecision('bf16'), fo.StepInBackward()]), lambda l: l.fit(1, 1e-2))
+    for p,q in zip(a.model.parameters(), b.model.parameters()): assert torch.equal(p, q)
