@@ -27,13 +27,19 @@ from . import zoo as zoo      # the optimizer zoo, as `fastopt.zoo.Lion`
 # not import fastai, which takes a second or more. `from .x import *` would build them, so these modules' other names
 # are imported one by one, and the callbacks come through this module's `__getattr__`.
 from functools import partial as _partial
+import importlib as _importlib
 from . import batch_size, stability, per_example, optim_stats
 from .optimizer import _lazy_fastai, _deprecated_names, get_default_engine
 _mods = (batch_size, stability, per_example, optim_stats)
 _lazy = {n: _partial(getattr, m, n) for m in _mods for n in m.__getattr__.names}
 globals().update({n: getattr(m, n) for m in _mods for n in m.__all__ if n not in _lazy})
-__all__ = [n for n in globals() if not n.startswith('_') and n not in ('optim', 'zoo')] + list(_lazy)  # `from fastopt import *`
-_lazy_getattr,__dir__ = _lazy_fastai(globals(), **_lazy)  # without fastai it takes them out of `__all__`
+# `fastopt.step_in_backward` is imported on first use of its names, so that `python -m fastopt.step_in_backward` runs it
+# fresh (runpy warns about a module the package imported already); its measuring helpers (`main`, `measure`, ...) stay there
+_in_backward_names = ('in_backward', 'InBackward')
+_lazy['StepInBackward'] = lambda: getattr(_importlib.import_module('fastopt.step_in_backward'), 'StepInBackward')
+__all__ = [n for n in globals() if not n.startswith('_') and n not in ('optim', 'zoo')] + list(_in_backward_names) + list(_lazy)
+_lazy_getattr,_lazy_dir = _lazy_fastai(globals(), **_lazy)  # without fastai it takes them out of `__all__`
+def __dir__(): return sorted({*_lazy_dir(), *_in_backward_names})
 
 # names that moved: served for one release with a `DeprecationWarning` saying where they are now
 _zoo_names = ['lion_step', 'lion_momentum', 'Lion', 'average_grad_diff', 'adan_sqr_avg', 'adan_step', 'prox_weight_decay', 'Adan',
@@ -54,5 +60,6 @@ def __getattr__(name):
         warnings.warn("`fastopt.default_engine` is deprecated: use `fastopt.get_default_engine()` and `set_default_engine()`",
                       DeprecationWarning, stacklevel=2)
         return get_default_engine()
+    if name in _in_backward_names: return getattr(_importlib.import_module('fastopt.step_in_backward'), name)
     return _moved_getattr(name)
 __getattr__.names = _lazy_getattr.names

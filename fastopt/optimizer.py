@@ -423,6 +423,8 @@ def zero_grad(self:Optimizer, set_to_none:bool=False):
                 if p.grad.grad_fn is not None: p.grad.detach_()
                 else: p.grad.requires_grad_(False)
                 p.grad.zero_()
+    release = getattr(self.engine, 'release_grads', None)   # an engine that caches the gradients lets them go
+    if set_to_none and release is not None: release(self)
 
 @patch
 def clear_state(self:Optimizer):

@@ -122,7 +122,7 @@ class _Run:
     __slots__ = ('idx', 'st0')
     def __init__(self, idx, st0): self.idx,self.st0 = idx,st0
 
-# %% ../../nbs/10g_fused.engine.ipynb #b870d8bb
+# %% ../../nbs/10g_fused.engine.ipynb #5c78be8b
 class _Cache:
     "What a bucket's parameters, gradients and state were checked to be at the last step: identities and data pointers"
     def __init__(self, states, keys, grads, gptrs, tensors):
@@ -175,6 +175,14 @@ class FusedEngine:
             for b in buckets: eager += self._step_bucket(opt, b, hyper)
             if eager: _step_eagerly(opt, hyper, eager)
             self.stepped['eager'] += len(eager)
+
+    def release_grads(self, opt):
+        "Forget the gradients of `opt`'s last step (its cache holds them to spot the same tensors next step): called once they are dropped"
+        lay = self._layouts.get(opt)
+        if lay is None: return
+        for bs in lay.buckets:
+            for b in bs:
+                if b.cache is not None: b.cache.grads = None   # the next step checks its gradients as new ones
 
     def _layout(self, opt) -> _Layout:
         gsig = [array('q', map(id, g['params'])) for g in opt.param_groups]
@@ -231,7 +239,7 @@ class FusedEngine:
                 if b.sharded: ts = list(map(_local, ts))
                 if not all(map(is_, ts, old)) or array('q', map(Tensor.data_ptr, ts)) != c.arrays[k]: return None
         except (KeyError, TypeError, AttributeError): return None
-        if not all(map(is_, grads, c.grads)):   # new gradient tensors (zero_grad(set_to_none=True)): check them in bulk
+        if c.grads is None or not all(map(is_, grads, c.grads)):   # new gradient tensors (zero_grad(set_to_none=True)): check them in bulk
             if not b.fits(grads): return None
             ga = array('q', map(Tensor.data_ptr, grads))
             if _aliased(b, c, ga): return None
@@ -318,7 +326,7 @@ class FusedEngine:
 
 engines['fused'] = FusedEngine
 
-# %% ../../nbs/10g_fused.engine.ipynb #54bc8974
+# %% ../../nbs/10g_fused.engine.ipynb #390a8a96
 class AutoEngine:
     "The fused engine for optimizers with at least `min_numel` parameter elements, the eager engine below"
     name = 'auto'
@@ -327,6 +335,7 @@ class AutoEngine:
     @property
     def failed(self): return self.fused.failed
     def __reduce__(self): return (type(self), ())
+    def release_grads(self, opt): self.fused.release_grads(opt)
     def step(self, opt):
         sig = tuple(len(g['params']) for g in opt.param_groups)
         if self._n[0] != sig: self._n = (sig, sum(p.numel() for g in opt.param_groups for p in g['params']))
