@@ -339,17 +339,22 @@ def _char_batches(ids, n, bs, ctx, seed):
         i = torch.randint(0, len(ids) - ctx - 1, (bs,), generator=g)
         yield torch.stack([ids[j:j+ctx] for j in i]), torch.stack([ids[j+1:j+ctx+1] for j in i])
 
-# %% ../nbs/24_low_bit.ipynb #47fe1a66
+# %% ../nbs/24_low_bit.ipynb #f5ea28f6
 def low_bit_opts(lr, wd=0.01) -> dict:
-    "The optimizers `compare` trains: name -> function of the parameters; torchao's when it imports"
+    "The optimizers `compare` trains: name -> function of the parameters; torchao's and bitsandbytes' when they import"
     opts = {'fp32 AdamW': lambda ps: Adam(ps, lr, sqr_mom=0.999, eps=1e-8, wd=wd),
             'AdamW8bit': lambda ps: AdamW8bit(ps, lr, sqr_mom=0.999, eps=1e-8, wd=wd),
             'AdamW4bit': lambda ps: AdamW4bit(ps, lr, sqr_mom=0.999, eps=1e-8, wd=wd)}
-    try: from torchao.optim import AdamW8bit as AO8, AdamW4bit as AO4
-    except ImportError: return opts
-    # torchao's AdamW: lr*wd decay, as fastopt's decoupled `wd`; state below 4096 elements in fp32, blocks of 256 and 128
-    opts['torchao AdamW8bit'] = lambda ps: AO8(ps, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
-    opts['torchao AdamW4bit'] = lambda ps: AO4(ps, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
+    # their AdamW decays by lr*wd, as fastopt's decoupled `wd`; state below 4096 elements stays fp32, as here
+    try:
+        from torchao.optim import AdamW8bit as AO8, AdamW4bit as AO4
+        opts['torchao AdamW8bit'] = lambda ps: AO8(ps, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
+        opts['torchao AdamW4bit'] = lambda ps: AO4(ps, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
+    except ImportError: pass
+    try:
+        from bitsandbytes.optim import AdamW8bit as BNB8
+        opts['bitsandbytes AdamW8bit'] = lambda ps: BNB8(ps, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
+    except ImportError: pass
     return opts
 
 def _bytes_per_param(opt, model) -> float:
@@ -374,7 +379,7 @@ def _train(task, mk_opt, steps, seed=0, every=25):
     else:
         tr,va,nv = _chars()
         model = _GPT(nv)
-        batches = _char_batches(tr, steps, 32, 64, seed)
+        batches = _char_batches(tr, steps, 16, 64, seed)
         vx,vy = next(_char_batches(va, 1, 256, 64, seed + 1))
         valid = lambda: F.cross_entropy(model(vx).flatten(0, 1), vy.flatten()).item()
     opt,curve,t0 = mk_opt(model.parameters()),[],time.perf_counter()
@@ -386,10 +391,10 @@ def _train(task, mk_opt, steps, seed=0, every=25):
             with torch.no_grad(): curve.append((i + 1, valid()))
     return curve, curve[-1][1], _bytes_per_param(opt, model), time.perf_counter() - t0
 
-# %% ../nbs/24_low_bit.ipynb #beeeb1c1
+# %% ../nbs/24_low_bit.ipynb #bafc8507
 def compare(tasks=('digits', 'chars'), steps:dict|None=None, lrs:dict|None=None) -> dict:
     "Train each task with each optimizer of `low_bit_opts`: {task: {optimizer: (curve, final valid loss, bytes/param, s)}}"
-    steps = {'digits': 300, 'chars': 400, **(steps or {})}
+    steps = {'digits': 300, 'chars': 300, **(steps or {})}
     lrs = {'digits': 1e-3, 'chars': 3e-3, **(lrs or {})}
     res = {}
     for t in tasks:
@@ -417,7 +422,7 @@ def _plot(res, png):
     for ax,(t,r) in zip([axs] if len(res) == 1 else axs, res.items()):
         for name,v in r.items():
             if isinstance(v, str): continue
-            ax.plot(*zip(*v[0]), label=name, lw=1.2, ls='--' if 'torchao' in name else '-')
+            ax.plot(*zip(*v[0]), label=name, lw=1.2, ls='-' if name in ('fp32 AdamW', 'AdamW8bit', 'AdamW4bit') else '--')
         ax.set_title(t); ax.set_xlabel('step'); ax.set_ylabel('validation loss'); ax.set_yscale('log'); ax.legend(fontsize=8)
     fig.tight_layout(); fig.savefig(png, dpi=110)
 
