@@ -242,11 +242,11 @@ def AdamW4bit(
     "AdamW with both moments in 4 bits (signed dynamic map, zero-free linear map for `sqr_avg`, blocks of 128)"
     return low_bit(Adam(params, lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=True), 4, block_size, min_size)
 
-# %% ../nbs/24_low_bit.ipynb #b8d4fdf0
+# %% ../nbs/24_low_bit.ipynb #957d604f
 def _check_low_bit_state(self, where, p, st) -> set:
     "Check the quantized keys of a loaded state `st` of `p`; the names checked (the others are the optimizer's to check)"
     names = set()
-    for k in {n.rsplit('_', 1)[0] for n in st if n.endswith(('_codes', '_absmax'))}:
+    for k in sorted({n.rsplit('_', 1)[0] for n in st if n.endswith(('_codes', '_absmax'))}):
         codes,absmax = st.get(k + '_codes'),st.get(k + '_absmax')
         if codes is None or absmax is None: raise ValueError(f"{where}: `{k}_codes` and `{k}_absmax` go together, only one is there")
         if k in st: raise ValueError(f"{where} has `{k}` both in full precision and quantized")
