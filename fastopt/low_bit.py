@@ -108,9 +108,9 @@ def dequantize_blockwise(
     vals = qmap.float().to(codes.device)[c.long()]
     return (vals * absmax.repeat_interleave(block_size)[:n]).view(shape)
 
-# %% ../nbs/24_low_bit.ipynb #b06076c7
+# %% ../nbs/24_low_bit.ipynb #8ebc8153
 unsigned_keys = ('sqr_avg', 'max_sqr_avg')   # second moments: never negative, so they use the unsigned map
-_weight_copies = ('fp32_master', 'kahan_comp')   # `FP32Math`'s copies of the weights: never quantized
+_weight_copies = ('fp32_master', 'kahan_comp', 'slow_weight', 'z')   # copies of the weights (`FP32Math`, `Lookahead`, schedule-free): never quantized
 
 def _desc(v): return f"{v.dtype} tensor of shape {tuple(v.shape)}" if isinstance(v, Tensor) else f"{type(v).__name__} {v!r}"
 
@@ -391,8 +391,8 @@ def _train(task, mk_opt, steps, seed=0, every=25):
             with torch.no_grad(): curve.append((i + 1, valid()))
     return curve, curve[-1][1], _bytes_per_param(opt, model), time.perf_counter() - t0
 
-# %% ../nbs/24_low_bit.ipynb #bafc8507
-def compare(tasks=('digits', 'chars'), steps:dict|None=None, lrs:dict|None=None) -> dict:
+# %% ../nbs/24_low_bit.ipynb #eafa705f
+def compare(tasks=('digits', 'chars'), steps:dict|None=None, lrs:dict|None=None, verbose=False) -> dict:
     "Train each task with each optimizer of `low_bit_opts`: {task: {optimizer: (curve, final valid loss, bytes/param, s)}}"
     steps = {'digits': 300, 'chars': 300, **(steps or {})}
     lrs = {'digits': 1e-3, 'chars': 3e-3, **(lrs or {})}
@@ -402,6 +402,7 @@ def compare(tasks=('digits', 'chars'), steps:dict|None=None, lrs:dict|None=None)
         for name,mk in low_bit_opts(lrs[t]).items():
             try: res[t][name] = _train(t, mk, steps[t])
             except Exception as e: res[t][name] = f"{type(e).__name__}: {e}"   # torchao on a platform where it cannot run
+            if verbose: print(t, name, res[t][name] if isinstance(res[t][name], str) else f"{res[t][name][1]:.4f}", flush=True)
     return res
 
 def low_bit_table(res:dict) -> str:
@@ -435,7 +436,7 @@ def main(
 ):
     "Print (and write) the final validation losses and state bytes per parameter of fp32 AdamW, AdamW8bit and AdamW4bit"
     torch.set_num_threads(threads)
-    res = compare([t for t in tasks.split(',') if t])
+    res = compare([t for t in tasks.split(',') if t], verbose=True)
     text = low_bit_table(res)
     print("\n" + text, flush=True)
     if md: Path(md).write_text(text + "\n")
