@@ -293,3 +293,19 @@ def test_wrap_once():
     opt = low_bit(Adam(nn.Linear(2, 2).parameters(), 1e-3))
     with pytest.raises(ValueError, match='already'): low_bit(opt)
     with pytest.raises(TypeError): low_bit(torch.optim.SGD(nn.Linear(2, 2).parameters(), 0.1))
+
+def test_weight_copies_stay_full_precision():
+    "Copies of the weights (`FP32Math`'s, `Lookahead`'s, schedule-free's) are never quantized, whatever their size"
+    lb,p = LowBitState([adam_step], min_size=0),torch.zeros(8)
+    for k in ('fp32_master', 'kahan_comp', 'slow_weight', 'z'): assert not lb.quantizes(p, k, torch.zeros(8))
+    assert lb.quantizes(p, 'grad_avg', torch.zeros(8)) and not lb.quantizes(p, 'step', 3) and not lb.quantizes(p, 'trust_ratio', torch.tensor(1.))
+
+def test_bf16_params():
+    "bf16 parameters: the moments are quantized from bf16 and dequantized to fp32 for the step"
+    torch.manual_seed(0)
+    m = nn.Linear(64, 64).to(torch.bfloat16)
+    opt = AdamW8bit(m.parameters(), 1e-3, min_size=0)
+    for _ in range(3):
+        m(torch.randn(4, 64, dtype=torch.bfloat16)).float().pow(2).mean().backward(); opt.step(); opt.zero_grad()
+    assert m.weight.dtype == torch.bfloat16 and m.weight.isfinite().all()
+    assert opt.state[m.weight]['sqr_avg_codes'].dtype == torch.uint8
