@@ -108,7 +108,7 @@ def dequantize_blockwise(
     vals = qmap.float().to(codes.device)[c.long()]
     return (vals * absmax.repeat_interleave(block_size)[:n]).view(shape)
 
-# %% ../nbs/24_low_bit.ipynb #8ebc8153
+# %% ../nbs/24_low_bit.ipynb #9296b142
 unsigned_keys = ('sqr_avg', 'max_sqr_avg')   # second moments: never negative, so they use the unsigned map
 _weight_copies = ('fp32_master', 'kahan_comp', 'slow_weight', 'z')   # copies of the weights (`FP32Math`, `Lookahead`, schedule-free): never quantized
 
@@ -145,7 +145,7 @@ class LowBitState:
         self.unsigned = tuple(unsigned)
         self.qmaps = {'signed': code_map(bits, True), 'unsigned': code_map(bits, False)}
         self.defaults = {k:v for cb in cbs for k,v in _cb_defaults(cb).items()}
-        self._on = {}   # (signedness, device) -> the map and its midpoints there
+        self._on = {}   # (key's map, device) -> the map there: no copy to the device at each step
 
     def qmap(self, k:str) -> Tensor:
         "The code map of state key `k`"
@@ -161,13 +161,21 @@ class LowBitState:
         "The keys held quantized in state `st` (those with `_codes` and `_absmax`)"
         return [n[:-6] for n in st if n.endswith('_codes') and n[:-6] + '_absmax' in st]
 
+    def _qmap_on(self, k, device):
+        kind = 'unsigned' if k in self.unsigned else 'signed'
+        m = self._on.get((kind, device))
+        if m is None: m = self._on[(kind, device)] = self.qmaps[kind].to(device)
+        return m
+
     def quantize(self, k:str, v:Tensor) -> tuple[Tensor, Tensor]:
         "`(codes, absmax)` of the values `v` of state key `k`"
-        return quantize_blockwise(v, self.qmap(k), self.block_size, self.bits)
+        return quantize_blockwise(v, self._qmap_on(k, v.device), self.block_size, self.bits)
 
     def dequantize(self, k:str, codes:Tensor, absmax:Tensor, shape) -> Tensor:
         "The fp32 values of state key `k` from its codes"
-        return dequantize_blockwise(codes, absmax, self.qmap(k), self.block_size, self.bits, shape)
+        return dequantize_blockwise(codes, absmax, self._qmap_on(k, codes.device), self.block_size, self.bits, shape)
+
+    def __getstate__(self): return {**self.__dict__, '_on': {}}   # a copy or pickle holds the maps once, on the CPU
 
     def _chain(self, p, kwargs):
         "Run the callbacks on `p` as the eager engine does, returning the state they created"

@@ -309,3 +309,20 @@ def test_bf16_params():
         m(torch.randn(4, 64, dtype=torch.bfloat16)).float().pow(2).mean().backward(); opt.step(); opt.zero_grad()
     assert m.weight.dtype == torch.bfloat16 and m.weight.isfinite().all()
     assert opt.state[m.weight]['sqr_avg_codes'].dtype == torch.uint8
+
+def test_with_fp32_math_and_pickle():
+    "Low-bit state around `FP32Math` on bf16 params: moments quantized, the fp32 master copy not; a deepcopy steps the same"
+    import copy
+    from fastopt.precision import fp32_math
+    torch.manual_seed(0)
+    m = nn.Linear(64, 64).to(torch.bfloat16)
+    opt = low_bit(fp32_math(Adam(m.parameters(), 1e-3)), 8, min_size=0)
+    m(torch.randn(4, 64, dtype=torch.bfloat16)).float().pow(2).mean().backward(); opt.step()
+    st = opt.state[m.weight]
+    assert st['fp32_master'].dtype == torch.float32 and st['grad_avg_codes'].dtype == torch.uint8 and 'grad_avg' not in st
+    opt.zero_grad()
+    m2,o2 = copy.deepcopy((m, opt))   # together: the copy's optimizer holds the copy's parameters
+    assert isinstance(o2.cbs[0], LowBitState) and o2.cbs[0]._on == {}
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    for mm,oo in ((m, opt), (m2, o2)): mm(x).float().pow(2).mean().backward(); oo.step()
+    assert torch.equal(m.weight, m2.weight)
