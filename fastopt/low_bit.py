@@ -108,7 +108,7 @@ def dequantize_blockwise(
     vals = qmap.float().to(codes.device)[c.long()]
     return (vals * absmax.repeat_interleave(block_size)[:n]).view(shape)
 
-# %% ../nbs/24_low_bit.ipynb #9296b142
+# %% ../nbs/24_low_bit.ipynb #71ea285a
 unsigned_keys = ('sqr_avg', 'max_sqr_avg')   # second moments: never negative, so they use the unsigned map
 _weight_copies = ('fp32_master', 'kahan_comp', 'slow_weight', 'z')   # copies of the weights (`FP32Math`, `Lookahead`, schedule-free): never quantized
 
@@ -198,14 +198,14 @@ class LowBitState:
 
     def __repr__(self): return f"LowBitState({self.cbs!r}, bits={self.bits}, block_size={self.block_size})"
 
-# %% ../nbs/24_low_bit.ipynb #129aac7a
+# %% ../nbs/24_low_bit.ipynb #9b936178
 _nbytes_of = lambda v: v.numel() * v.element_size() if isinstance(v, Tensor) else 0
 
 def state_bytes(opt:Optimizer) -> int:
     "Bytes of the optimizer state tensors of `opt` (codes, scales and full-precision state alike)"
     return sum(_nbytes_of(v) for st in opt.state.values() for v in st.values())
 
-# %% ../nbs/24_low_bit.ipynb #982776b2
+# %% ../nbs/24_low_bit.ipynb #13b2aebe
 def low_bit(
     opt:Optimizer, # A fastopt optimizer
     bits:int=8, # 8 or 4
@@ -250,7 +250,7 @@ def AdamW4bit(
     "AdamW with both moments in 4 bits (signed dynamic map, zero-free linear map for `sqr_avg`, blocks of 128)"
     return low_bit(Adam(params, lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=True), 4, block_size, min_size)
 
-# %% ../nbs/24_low_bit.ipynb #957d604f
+# %% ../nbs/24_low_bit.ipynb #b6323bb1
 def _check_low_bit_state(self, where, p, st) -> set:
     "Check the quantized keys of a loaded state `st` of `p`; the names checked (the others are the optimizer's to check)"
     names = set()
@@ -293,7 +293,7 @@ def full_precision_state_dict(opt:Optimizer) -> dict:
         state[i] = st
     return {**sd, 'state': state, 'fastopt': {**sd['fastopt'], 'cbs': _chain_names(opt.cbs)}}
 
-# %% ../nbs/24_low_bit.ipynb #41afafad
+# %% ../nbs/24_low_bit.ipynb #478828db
 def _digits(seed=0):
     "scikit-learn's digits as (train, valid) tensors, images scaled to [0, 1]"
     from sklearn.datasets import load_digits
@@ -347,7 +347,7 @@ def _char_batches(ids, n, bs, ctx, seed):
         i = torch.randint(0, len(ids) - ctx - 1, (bs,), generator=g)
         yield torch.stack([ids[j:j+ctx] for j in i]), torch.stack([ids[j+1:j+ctx+1] for j in i])
 
-# %% ../nbs/24_low_bit.ipynb #f929d37d
+# %% ../nbs/24_low_bit.ipynb #46af8ba1
 def low_bit_opts(lr, wd=0.01) -> dict:
     "The optimizers `compare` trains: name -> function of the parameters; torchao's and bitsandbytes' when they import"
     opts = {'fp32 AdamW': lambda ps: Adam(ps, lr, sqr_mom=0.999, eps=1e-8, wd=wd),
@@ -399,7 +399,7 @@ def _train(task, mk_opt, steps, seed=0, every=50):
             with torch.no_grad(): curve.append((i + 1, valid()))
     return curve, curve[-1][1], _bytes_per_param(opt, model), time.perf_counter() - t0
 
-# %% ../nbs/24_low_bit.ipynb #701cf7f7
+# %% ../nbs/24_low_bit.ipynb #60f20cc5
 def _mean_runs(runs):
     "Seeds' runs of `_train` as one: the mean curve and final loss, the bytes per parameter, the total seconds"
     curve = [(s, sum(r[0][i][1] for r in runs) / len(runs)) for i,(s,_) in enumerate(runs[0][0])]
