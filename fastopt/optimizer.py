@@ -559,6 +559,10 @@ def state_dict(self:Optimizer):
         if res is not None: sd = res
     return sd
 
+def _chain_names(cbs):
+    "The callbacks' names, a wrapper that only changes how the state is stored (`state_format`: `LowBitState`) by its chain's"
+    return [n for cb in cbs for n in (_chain_names(cb.cbs) if getattr(cb, 'state_format', False) else [_cb_name(cb)])]
+
 @patch
 def _check_meta(self:Optimizer, sd):
     "Raise if `sd` was saved by an optimizer of another type or with other callbacks"
@@ -569,7 +573,8 @@ def _check_meta(self:Optimizer, sd):
     mine = self._meta()
     if meta.get('type') != mine['type']:
         raise ValueError(f"`state_dict` was saved by a {meta.get('type')!r} optimizer, this one is a {mine['type']!r}")
-    if list(meta.get('cbs', [])) != mine['cbs']:
+    saved = list(meta.get('cbs', []))
+    if saved != mine['cbs'] and saved != _chain_names(self.cbs):   # a full-precision state dict loads into a low-bit optimizer
         raise ValueError(f"`state_dict` was saved by an optimizer with callbacks {list(meta.get('cbs', []))}, this one has {mine['cbs']}")
     n = meta.get('skipped_steps', 0)
     if isinstance(n, bool) or not isinstance(n, int) or n < 0: raise ValueError(f"`state_dict['fastopt']['skipped_steps']` must be an int >= 0, got {n!r}")
@@ -610,8 +615,30 @@ def _check_state(self:Optimizer, sd):
         if k not in idx2p: raise ValueError(f"`state_dict` has state for parameter index {k!r}, which no group lists")
         if not isinstance(st, Mapping): raise TypeError(f"`state_dict` state for parameter {k} must be a dict, got {type(st).__name__}")
         p = idx2p[k]
-        for name,v in st.items(): self._check_state_value(k, p, name, v, per_elem)
+        own = self._own_state(k, p, st)
+        for name,v in st.items():
+            if name not in own: self._check_state_value(k, p, name, v, per_elem)
     return idx2p
+
+def _all_cbs(cbs):
+    "The callbacks `cbs` and, depth first, those of the chains wrappers (`FP32Math`, `LowBitState`) hold in `.cbs`"
+    for cb in cbs:
+        yield cb
+        inner = getattr(cb, 'cbs', None)
+        if isinstance(inner, (list, tuple)): yield from _all_cbs(inner)
+
+@patch
+def _own_state(self:Optimizer, k, p, st) -> set:
+    "Names in state `st` of parameter index `k` that a callback keeping state in its own format (`LowBitState`) checked"
+    return {n for cb in _all_cbs(self.cbs) if callable(chk := getattr(cb, 'check_state', None))
+            for n in chk(f"`state_dict` state of parameter {k}", p, st)}
+
+@patch
+def _loaded_state(self:Optimizer, p, st):
+    "State `st` of `p` as the callbacks keep it: `loaded_state` of a callback (`LowBitState`) converts it (quantizes)"
+    for cb in _all_cbs(self.cbs):
+        if callable(f := getattr(cb, 'loaded_state', None)): st = f(p, st)
+    return st
 
 _per_element_state = ('grad_avg', 'sqr_avg', 'max_sqr_avg')   # fastai's own; others are learnt from the state seen
 
@@ -670,7 +697,7 @@ def load_state_dict(self:Optimizer,
     new_state = defaultdict(dict)
     for k,st in sd['state'].items():
         p = idx2p[k]
-        new_state[p] = {name: _copy_value(v, p) for name,v in st.items()}
+        new_state[p] = self._loaded_state(p, {name: _copy_value(v, p) for name,v in st.items()})
     for g,mine in zip(sd['param_groups'], self.param_groups):
         # as torch: the saved `param_names` replace the optimizer's, which stay when the saved groups have none
         for name in [n for n in dict.keys(mine) if n != 'params' and (n != 'param_names' or n in g)]: del mine[name]
