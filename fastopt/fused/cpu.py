@@ -39,7 +39,7 @@ def _load(dt, ptr):
 def _store(dt, expr):
     return {torch.bfloat16: f"fo_to_bf16(static_cast<float>({expr}))", torch.float16: f"static_cast<_Float16>({expr})"}.get(dt, f"static_cast<{_MEM[dt]}>({expr})")
 
-# %% ../../nbs/10e_fused.cpu.ipynb #98025b64
+# %% ../../nbs/10e_fused.cpu.ipynb #714e3139
 cpp_ops = {
     'add': '({0} + {1})', 'sub': '({0} - {1})', 'mul': '({0} * {1})', 'div': '({0} / {1})', 'fma': 'std::fma({0}, {1}, {2})',
     'neg': '(-{0})', 'abs': 'std::abs({0})', 'sqrt': 'std::sqrt({0})', 'rsqrt': '(T(1) / std::sqrt({0}))',
@@ -88,6 +88,10 @@ template <class T> static inline T fo_powscalar(T x, double e, T r) {
     if (e == 1) return x;
     if (e == 0) return T(1);
     return std::pow(x, r); }
+template <int BITS> static inline int fo_code(const float* __restrict d, float x) {
+    int c = 0;   // how many of the sorted midpoints d are below x (all of them for a nan, as torch.searchsorted): a branchless binary search
+    for (int s = 1 << (BITS - 1); s > 0; s >>= 1) c += d[c + s - 1] >= x ? 0 : s;
+    return c; }
 '''
 
 # %% ../../nbs/10e_fused.cpu.ipynb #fe9d3028
@@ -123,13 +127,22 @@ def _statement(op, names) -> str:
     if op.name in ('eq', 'ne', 'lt', 'le', 'gt', 'ge', 'and', 'or', 'xor', 'not'): return f"const bool v{op.out} = {expr};"
     return f"const {_ct(op.dtype)} v{op.out} = {_rounded(expr, op.dtype, op.ctype)};"
 
-# %% ../../nbs/10e_fused.cpu.ipynb #7081fa5d
+# %% ../../nbs/10e_fused.cpu.ipynb #1621b812
 CHUNK = 2048  # elements a reduction adds up before its sum is stored: fixed, so the result does not depend on the threads
 
 def _acc_type(r, types) -> str:
     "A chunk's accumulator: the summed value's own C type (a chunk is short, and its vector lanes add up in parallel); fp64 across chunks"
     a = r.args[0]
     return _ct(types[a.id][1]) if isinstance(a, Ref) and types[a.id][1] != torch.bool else 'double'
+
+def _block_size(quant) -> int|None:
+    "The one block size of a plan's quantized state (None without any), if the kernels take it"
+    if not quant: return None
+    if len({q[1] for q in quant.values()}) != 1: raise Untraceable("quantized state with two block sizes in one chain")
+    bits,B = next(iter(quant.values()))
+    if any(q[0] not in (4, 8) for q in quant.values()): raise Untraceable("quantized state of other than 8 or 4 bits")
+    if B < 2 or CHUNK % B: raise Untraceable(f"quantization blocks of {B} elements (the C++ kernel takes divisors of {CHUNK} from 2)")
+    return B
 
 def cpp_source(plan:Plan) -> str:
     "The C++ source of `plan` as `fo_step` (see above)"
@@ -148,21 +161,47 @@ def cpp_source(plan:Plan) -> str:
     got = lambda rs: [f"const double v{r.out} = red[(i - t0) * {max(nred, 1)} + {slot[r.out]}];" for r in rs]
     p1 = plan.passes[0] if len(plan.passes) == 2 else None
     last = plan.passes[-1]
+    quant = {b: x.quant for b,x in enumerate(plan.buffers) if x.role == 'qstate'}   # its block scales and map: buffers b+1, b+2
+    QB = _block_size(quant)
     between = got(p1.reduce if p1 else ()) + [_statement(o, names) for o in plan.between]
     after = got(last.reduce) + [_statement(o, names) for o in plan.after]
     def ptrs(ps):
         used = sorted({b for v,b in ps.loads} | {b for b,v in ps.stores})
-        return [f"{'' if any(b == s for s,_ in ps.stores) else 'const '}{_MEM[plan.buffers[b].dtype]}* __restrict P{b} = "
-                f"reinterpret_cast<{_MEM[plan.buffers[b].dtype]}*>(bufs[{b}][i]);" for b in used]
+        res = []
+        for b in used:
+            c = '' if any(b == s for s,_ in ps.stores) else 'const '
+            if b in quant: res += [f"{c}uint8_t* __restrict P{b} = reinterpret_cast<{c}uint8_t*>(bufs[{b}][i]);",
+                                   f"{c}float* __restrict A{b} = reinterpret_cast<{c}float*>(bufs[{b + 1}][i]);",
+                                   f"const float* __restrict M{b} = reinterpret_cast<const float*>(bufs[{b + 2}][i]);"]
+            else: res.append(f"{c}{_MEM[plan.buffers[b].dtype]}* __restrict P{b} = reinterpret_cast<{_MEM[plan.buffers[b].dtype]}*>(bufs[{b}][i]);")
+        return res
+    def qload(b):
+        "A quantized value: its code's entry of the map times its block's scale (`a{b}`, read before the block's loop)"
+        code = f"P{b}[j]" if quant[b][0] == 8 else f"((P{b}[j >> 1] >> ((j & 1) << 2)) & 15)"
+        return f"M{b}[{code}] * a{b}"
     def body(ps):
-        lines = [f"const {_ct(types[v][1])} v{v} = {_load(plan.buffers[b].dtype, f'P{b}[j]')};" for v,b in ps.loads]
+        lines = [f"const float v{v} = {qload(b)};" if b in quant else
+                 f"const {_ct(types[v][1])} v{v} = {_load(plan.buffers[b].dtype, f'P{b}[j]')};" for v,b in ps.loads]
         lines += [_statement(o, names) for o in ps.ops]
         for r in ps.reduce:   # sums in fp64; a max skips nans and counts them (a nan makes the result nan)
             k = slot[r.out]
             x = names(r.args[0], _acc_type(r, types))
             lines += [f"a{k} += {x};"] if r.name == 'rsum' else [f"a{k} = {x} > a{k} ? {x} : a{k};", f"c{k} += {x} != {x};"]
-        lines += [f"P{b}[j] = {_store(plan.buffers[b].dtype, f'v{v}')};" for b,v in ps.stores]
+        lines += [f"P{b}[j] = {_store(plan.buffers[b].dtype, f'v{v}')};" for b,v in ps.stores if b not in quant]
+        for b,v in ps.stores:   # quantized state: the block's new values kept for its codes, their largest magnitude
+            if b in quant: lines += [f"q{b}[j - bs] = static_cast<float>(v{v});",
+                                     f"{{ const float x = std::abs(q{b}[j - bs]); m{b} = x > m{b} ? x : m{b}; n{b} += x != x; }}"]
         return lines
+    def quantize(b):
+        "The block's new scale, then its codes: the number of the map's midpoints below each value over the scale"
+        bits,h = quant[b][0],f"(1 << {quant[b][0]})"
+        x = lambda j: f"(am == 0.f ? 0.f : q{b}[{j}] / am)"
+        lines = ["const float am = n{0} ? std::numeric_limits<float>::quiet_NaN() : m{0};".format(b), f"A{b}[bi] = am;",
+                 f"const float* __restrict D{b} = M{b} + {h};", "#pragma omp simd"]
+        if bits == 8: lines += [f"for (int64_t j = 0; j < be - bs; j++) P{b}[bs + j] = static_cast<uint8_t>(fo_code<8>(D{b}, {x('j')}));"]
+        else: lines += [f"for (int64_t h = 0; h < (be - bs) >> 1; h++) P{b}[(bs >> 1) + h] = static_cast<uint8_t>(fo_code<4>(D{b}, {x('2 * h')}) | (fo_code<4>(D{b}, {x('2 * h + 1')}) << 4));",
+                        f"if ((be - bs) & 1) P{b}[(be - 1) >> 1] = static_cast<uint8_t>(fo_code<4>(D{b}, {x('be - bs - 1')}));   // the last byte of an odd count: high nibble 0"]
+        return ['{', *ind(lines, 4), '}']
     t_stores = [f"reinterpret_cast<{_MEM[plan.buffers[b].dtype]}*>(bufs[{b}][i])[0] = {_store(plan.buffers[b].dtype, f'v{v}')};"
                 for b,v in plan.tensor_stores]
     head = [_PRELUDE, 'extern "C" void fo_step(int64_t n, const int64_t* const* bufs, const int64_t* numel, const double* scal,',
@@ -170,7 +209,7 @@ def cpp_source(plan:Plan) -> str:
             '    std::vector<int64_t> off(n + 1, 0);', '    for (int64_t i = 0; i < n; i++) off[i + 1] = off[i] + numel[i];',
             '    const int64_t N = off[n];', '    if (N == 0) return;',
             '    const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, N / 32768));']
-    if not reds:
+    if not reds and not quant:
         src = head + [
             '    #pragma omp parallel num_threads(nt)', '    {',
             '    const int64_t T = omp_get_num_threads(), t = omp_get_thread_num();',
@@ -192,6 +231,19 @@ def cpp_source(plan:Plan) -> str:
                            [f"reduction(max:a{slot[r.out]}) reduction(+:c{slot[r.out]})" for r in ps.reduce if r.name == 'rmax'])
         keep = [f"part[c * NR + {slot[r.out]}] = " + (f"a{slot[r.out]};" if r.name == 'rsum' else
                 f"c{slot[r.out]} ? std::numeric_limits<double>::quiet_NaN() : a{slot[r.out]};") for r in ps.reduce]
+        if quant:   # block by block: dequantize the old state, run the chain, quantize the new state (a block is a divisor of a chunk)
+            qs = [b for b,_ in ps.stores if b in quant]
+            clauses = ' '.join([clauses] + [f"reduction(max:m{b}) reduction(+:n{b})" for b in qs])
+            return ['        for (int64_t c = lo; c < hi; c++) {',
+                    '            const int64_t i = ct[c], s = (c + c0 - coff[i]) * CH, e = std::min(s + CH, numel[i]);',
+                    *ind(tensor_in + pre + known + ptrs(ps) + acc, 12),
+                    f'            for (int64_t bs = s; bs < e; bs += {QB}) {{',
+                    f'                const int64_t be = std::min<int64_t>(bs + {QB}, e), bi = bs / {QB};',
+                    *ind([f"const float a{b} = A{b}[bi];" for _,b in ps.loads if b in quant], 16),
+                    *ind([f"float q{b}[{QB}]; float m{b} = 0; int64_t n{b} = 0;" for b in qs], 16),
+                    f'                #pragma omp simd {clauses}', '                for (int64_t j = bs; j < be; j++) {', *ind(body(ps), 20), '                }',
+                    *ind([l for b in qs for l in quantize(b)], 16),
+                    '            }', *ind(keep, 12), '        }']
         return ['        for (int64_t c = lo; c < hi; c++) {',
                 '            const int64_t i = ct[c], s = (c + c0 - coff[i]) * CH, e = std::min(s + CH, numel[i]);',
                 *ind(tensor_in + pre + known + ptrs(ps) + acc, 12),
