@@ -127,7 +127,7 @@ def _statement(op, names) -> str:
     if op.name in ('eq', 'ne', 'lt', 'le', 'gt', 'ge', 'and', 'or', 'xor', 'not'): return f"const bool v{op.out} = {expr};"
     return f"const {_ct(op.dtype)} v{op.out} = {_rounded(expr, op.dtype, op.ctype)};"
 
-# %% ../../nbs/10e_fused.cpu.ipynb #1621b812
+# %% ../../nbs/10e_fused.cpu.ipynb #e5867878
 CHUNK = 2048  # elements a reduction adds up before its sum is stored: fixed, so the result does not depend on the threads
 
 def _acc_type(r, types) -> str:
@@ -195,7 +195,7 @@ def cpp_source(plan:Plan) -> str:
     def quantize(b):
         "The block's new scale, then its codes: the number of the map's midpoints below each value over the scale"
         bits,h = quant[b][0],f"(1 << {quant[b][0]})"
-        x = lambda j: f"(am == 0.f ? 0.f : q{b}[{j}] / am)"
+        x = lambda j: f"(am > 0.f ? q{b}[{j}] / am : q{b}[{j}])"   # a block of zeros (or with a nan) is divided by 1, as `quantize_blockwise` does
         lines = ["const float am = n{0} ? std::numeric_limits<float>::quiet_NaN() : m{0};".format(b), f"A{b}[bi] = am;",
                  f"const float* __restrict D{b} = M{b} + {h};", "#pragma omp simd"]
         if bits == 8: lines += [f"for (int64_t j = 0; j < be - bs; j++) P{b}[bs + j] = static_cast<uint8_t>(fo_code<8>(D{b}, {x('j')}));"]

@@ -52,7 +52,7 @@ def _why_not(p):
     if not _dense(p): return "a parameter with gaps in memory (a strided view)"
     return None
 
-# %% ../../nbs/10g_fused.engine.ipynb #3c3a0e9b
+# %% ../../nbs/10g_fused.engine.ipynb #74151a85
 class _Bucket:
     "The parameters of one group with one device, dtype and tensor type that the kernels step, and what they were checked to be"
     def __init__(self, params, sharded):
@@ -116,7 +116,9 @@ def _state_keys(p, st, lb=None):
         if isinstance(v, Tensor):
             v = _local(v)
             if v.layout != torch.strided or v.device != p.device or v.dtype not in _dtypes + (torch.bool,): return None
-            if v.shape == p.shape and v.stride() == p.stride(): ek.append(k)
+            if v.shape == p.shape and v.stride() == p.stride():
+                if lb is not None and getattr(lb, 'quantizes', None) is not None and lb.quantizes(p, k, v): return None   # the wrapper quantizes it at this step: eager
+                ek.append(k)
             elif v.dim() == 0 and p.dim() > 0: tk.append(k)
             else: return None
         else: pk.append(k)
