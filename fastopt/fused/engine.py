@@ -124,7 +124,7 @@ def _state_keys(p, st, lb=None):
         else: pk.append(k)
     return tuple(ek), tuple(tk), tuple(pk), qk
 
-# %% ../../nbs/10g_fused.engine.ipynb #ce9e1db0
+# %% ../../nbs/10g_fused.engine.ipynb #d30abd9e
 _kernels = {}  # (graph, device type) -> kernel, or the exception that stopped it; shared by every optimizer
 _klock = threading.Lock()
 
@@ -145,17 +145,23 @@ def kernel_for(graph, device_type:str, what='a callback chain'):
                     else:
                         from fastopt.fused import cuda
                         k = cuda.CudaKernel(pl, what)
+                    k.retypes = _retypes(graph)
                 except Exception as e: k = e
                 _kernels[key] = k
     if isinstance(k, Exception): raise k
     return k
+
+def _retypes(graph) -> bool:
+    "True if the chain replaces a state tensor by one of another dtype (the kernel would round into the old one): eager steps then"
+    ins,types = {(i.role, i.key): i.dtype for i in graph.inputs},graph.types()
+    return any(o.role == 'state' and (o.role, o.key) in ins and types[o.id][1] != ins[(o.role, o.key)] for o in graph.outputs)
 
 class _Run:
     "Parameters stepped by one kernel call: their indices in the bucket, one state dict as example"
     __slots__ = ('idx', 'st0')
     def __init__(self, idx, st0): self.idx,self.st0 = idx,st0
 
-# %% ../../nbs/10g_fused.engine.ipynb #f532e760
+# %% ../../nbs/10g_fused.engine.ipynb #ba6ef29c
 class _Cache:
     "What a bucket's parameters, gradients and state were checked to be at the last step: identities and data pointers"
     def __init__(self, states, keys, grads, gptrs, tensors):
@@ -358,6 +364,7 @@ class FusedEngine:
                 kern = kernel_for(traced.graph, b.device.type, _what(opt))
                 if cached is not None: cached.kernels[b.device.type] = kern
         except Exception as e: self._fail(f"{type(e).__name__}: {e}"); return False
+        if kern.retypes: return False   # this step changes a state tensor's dtype (LAMB's trust ratio, first step after a bf16 one): eager
         if b.sharded and kern.plan.reductions:
             self._say("a per-tensor reduction of a sharded (DTensor) parameter needs the whole tensor: those parameters step eagerly")
             return False
