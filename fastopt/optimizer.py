@@ -541,6 +541,10 @@ def _state_dict(self):
         if res is not None: sd = res
     return sd
 
+def _chain_names(cbs):
+    "The callbacks' names, a wrapper that only changes how the state is stored (`state_format`: `LowBitState`) by its chain's"
+    return [n for cb in cbs for n in (_chain_names(cb.cbs) if getattr(cb, 'state_format', False) else [_cb_name(cb)])]
+
 def _check_meta(self, sd):
     "Raise if `sd` was saved by an optimizer of another type or with other callbacks"
     if not isinstance(sd, Mapping): raise TypeError(f"`state_dict` must be a dict, got {type(sd).__name__}")
@@ -550,7 +554,8 @@ def _check_meta(self, sd):
     mine = self._meta()
     if meta.get('type') != mine['type']:
         raise ValueError(f"`state_dict` was saved by a {meta.get('type')!r} optimizer, this one is a {mine['type']!r}")
-    if list(meta.get('cbs', [])) != mine['cbs']:
+    saved = list(meta.get('cbs', []))
+    if saved != mine['cbs'] and saved != _chain_names(self.cbs):   # a full-precision state dict loads into a low-bit optimizer
         raise ValueError(f"`state_dict` was saved by an optimizer with callbacks {list(meta.get('cbs', []))}, this one has {mine['cbs']}")
     n = meta.get('skipped_steps', 0)
     if isinstance(n, bool) or not isinstance(n, int) or n < 0: raise ValueError(f"`state_dict['fastopt']['skipped_steps']` must be an int >= 0, got {n!r}")
@@ -590,8 +595,21 @@ def _check_state(self, sd):
         if k not in idx2p: raise ValueError(f"`state_dict` has state for parameter index {k!r}, which no group lists")
         if not isinstance(st, Mapping): raise TypeError(f"`state_dict` state for parameter {k} must be a dict, got {type(st).__name__}")
         p = idx2p[k]
-        for name,v in st.items(): self._check_state_value(k, p, name, v, per_elem)
+        own = self._own_state(k, p, st)
+        for name,v in st.items():
+            if name not in own: self._check_state_value(k, p, name, v, per_elem)
     return idx2p
+
+def _own_state(self, k, p, st) -> set:
+    "Names in state `st` of parameter index `k` that a callback keeping state in its own format (`LowBitState`) checked"
+    return {n for cb in self.cbs if callable(chk := getattr(cb, 'check_state', None))
+            for n in chk(f"`state_dict` state of parameter {k}", p, st)}
+
+def _loaded_state(self, p, st):
+    "State `st` of `p` as the callbacks keep it: `loaded_state` of a callback (`LowBitState`) converts it (quantizes)"
+    for cb in self.cbs:
+        if callable(f := getattr(cb, 'loaded_state', None)): st = f(p, st)
+    return st
 
 _per_element_state = ('grad_avg', 'sqr_avg', 'max_sqr_avg')   # fastai's own; others are learnt from the state seen
 
@@ -648,7 +666,7 @@ def _load_state_dict(self,
     new_state = defaultdict(dict)
     for k,st in sd['state'].items():
         p = idx2p[k]
-        new_state[p] = {name: _copy_value(v, p) for name,v in st.items()}
+        new_state[p] = self._loaded_state(p, {name: _copy_value(v, p) for name,v in st.items()})
     for g,mine in zip(sd['param_groups'], self.param_groups):
         # as torch: the saved `param_names` replace the optimizer's, which stay when the saved groups have none
         for name in [n for n in dict.keys(mine) if n != 'params' and (n != 'param_names' or n in g)]: del mine[name]
@@ -659,7 +677,7 @@ def _load_state_dict(self,
     for hook in getattr(self, '_optimizer_load_state_dict_post_hooks', {}).values(): hook(self)
 
 Optimizer._to_torch_format,Optimizer._check_state,Optimizer.load_state_dict = _to_torch_format,_check_state,_load_state_dict
-Optimizer._check_state_value = _check_state_value
+Optimizer._check_state_value,Optimizer._own_state,Optimizer._loaded_state = _check_state_value,_own_state,_loaded_state
 Optimizer._meta,Optimizer.state_dict,Optimizer._check_meta = _meta,_state_dict,_check_meta
 
 # %% ../nbs/00_optimizer.ipynb #87153606
