@@ -15,8 +15,8 @@ from .passes import Plan
 from .trace import Untraceable
 
 # %% auto #0
-__all__ = ['cpp_ops', 'CHUNK', 'cxx_flags', 'compiles', 'say_after', 'cpp_source', 'find_cxx', 'cache_dir', 'CompileError',
-           'build', 'CpuKernel', 'ulps']
+__all__ = ['cpp_ops', 'CHUNK', 'QSTEPS', 'cxx_flags', 'compiles', 'say_after', 'cpp_source', 'quant_table', 'find_cxx',
+           'cache_dir', 'CompileError', 'build', 'CpuKernel', 'ulps']
 
 # %% ../../nbs/10e_fused.cpu.ipynb #232a6365
 _CT = {torch.float32: 'float', torch.float64: 'double', torch.bfloat16: 'float', torch.float16: 'float', torch.bool: 'bool'}
@@ -39,7 +39,7 @@ def _load(dt, ptr):
 def _store(dt, expr):
     return {torch.bfloat16: f"fo_to_bf16(static_cast<float>({expr}))", torch.float16: f"static_cast<_Float16>({expr})"}.get(dt, f"static_cast<{_MEM[dt]}>({expr})")
 
-# %% ../../nbs/10e_fused.cpu.ipynb #714e3139
+# %% ../../nbs/10e_fused.cpu.ipynb #c94bed8f
 cpp_ops = {
     'add': '({0} + {1})', 'sub': '({0} - {1})', 'mul': '({0} * {1})', 'div': '({0} / {1})', 'fma': 'std::fma({0}, {1}, {2})',
     'neg': '(-{0})', 'abs': 'std::abs({0})', 'sqrt': 'std::sqrt({0})', 'rsqrt': '(T(1) / std::sqrt({0}))',
@@ -88,10 +88,14 @@ template <class T> static inline T fo_powscalar(T x, double e, T r) {
     if (e == 1) return x;
     if (e == 0) return T(1);
     return std::pow(x, r); }
-template <int BITS> static inline int fo_code(const float* __restrict d, float x) {
-    int c = 0;   // how many of the sorted midpoints d are below x (all of them for a nan, as torch.searchsorted): a branchless binary search
-    for (int s = 1 << (BITS - 1); s > 0; s >>= 1) c += d[c + s - 1] >= x ? 0 : s;
-    return c; }
+static inline int32_t fo_code(const float* __restrict d, const int32_t* __restrict lut, int32_t sh, int32_t base, int32_t top, int32_t mx, float x) {
+    // how many of the sorted midpoints d are below x (all of them for a nan, as torch.searchsorted): see `quant_table`
+    uint32_t u; std::memcpy(&u, &x, 4);
+    int32_t e = (int32_t)((u & 0x7FFFFFFFu) >> sh) - base;
+    e = e < 0 ? 0 : (e > top ? top : e);
+    int32_t c = lut[(int32_t)(u >> 31) * (top + 1) + e];
+    c += d[c] < x ? 1 : 0;
+    return x != x ? mx : c; }
 '''
 
 # %% ../../nbs/10e_fused.cpu.ipynb #fe9d3028
@@ -127,7 +131,7 @@ def _statement(op, names) -> str:
     if op.name in ('eq', 'ne', 'lt', 'le', 'gt', 'ge', 'and', 'or', 'xor', 'not'): return f"const bool v{op.out} = {expr};"
     return f"const {_ct(op.dtype)} v{op.out} = {_rounded(expr, op.dtype, op.ctype)};"
 
-# %% ../../nbs/10e_fused.cpu.ipynb #e5867878
+# %% ../../nbs/10e_fused.cpu.ipynb #6583d577
 CHUNK = 2048  # elements a reduction adds up before its sum is stored: fixed, so the result does not depend on the threads
 
 def _acc_type(r, types) -> str:
@@ -190,17 +194,20 @@ def cpp_source(plan:Plan) -> str:
         lines += [f"P{b}[j] = {_store(plan.buffers[b].dtype, f'v{v}')};" for b,v in ps.stores if b not in quant]
         for b,v in ps.stores:   # quantized state: the block's new values kept for its codes, their largest magnitude
             if b in quant: lines += [f"q{b}[j - bs] = static_cast<float>(v{v});",
-                                     f"{{ const float x = std::abs(q{b}[j - bs]); m{b} = x > m{b} ? x : m{b}; n{b} += x != x; }}"]
+                                     f"{{ const float x = std::abs(q{b}[j - bs]); m{b} = x > m{b} ? x : m{b}; n{b} |= x != x; }}"]
         return lines
     def quantize(b):
         "The block's new scale, then its codes: the number of the map's midpoints below each value over the scale"
         bits,h = quant[b][0],f"(1 << {quant[b][0]})"
-        x = lambda j: f"(am > 0.f ? q{b}[{j}] / am : q{b}[{j}])"   # a block of zeros (or with a nan) is divided by 1, as `quantize_blockwise` does
+        code = lambda j: f"fo_code(D{b}, L{b}, sh, base, top, mx, q{b}[{j}] / sc)"
         lines = ["const float am = n{0} ? std::numeric_limits<float>::quiet_NaN() : m{0};".format(b), f"A{b}[bi] = am;",
-                 f"const float* __restrict D{b} = M{b} + {h};", "#pragma omp simd"]
-        if bits == 8: lines += [f"for (int64_t j = 0; j < be - bs; j++) P{b}[bs + j] = static_cast<uint8_t>(fo_code<8>(D{b}, {x('j')}));"]
-        else: lines += [f"for (int64_t h = 0; h < (be - bs) >> 1; h++) P{b}[(bs >> 1) + h] = static_cast<uint8_t>(fo_code<4>(D{b}, {x('2 * h')}) | (fo_code<4>(D{b}, {x('2 * h + 1')}) << 4));",
-                        f"if ((be - bs) & 1) P{b}[(be - 1) >> 1] = static_cast<uint8_t>(fo_code<4>(D{b}, {x('be - bs - 1')}));   // the last byte of an odd count: high nibble 0"]
+                 "const float sc = am > 0.f ? am : 1.f;   // a block of zeros (or with a nan) is divided by 1, as `quantize_blockwise` does",
+                 f"const float* __restrict D{b} = M{b} + {h};", f"const int32_t* __restrict H{b} = reinterpret_cast<const int32_t*>(M{b} + 2 * {h});",
+                 f"const int32_t sh = H{b}[0], base = H{b}[1], top = H{b}[2], mx = H{b}[3]; const int32_t* __restrict L{b} = H{b} + 4;",
+                 "#pragma omp simd"]
+        if bits == 8: lines += [f"for (int64_t j = 0; j < be - bs; j++) P{b}[bs + j] = static_cast<uint8_t>({code('j')});"]
+        else: lines += [f"for (int64_t h = 0; h < (be - bs) >> 1; h++) P{b}[(bs >> 1) + h] = static_cast<uint8_t>({code('2 * h')} | ({code('2 * h + 1')} << 4));",
+                        f"if ((be - bs) & 1) P{b}[(be - 1) >> 1] = static_cast<uint8_t>({code('be - bs - 1')});   // the last byte of an odd count: high nibble 0"]
         return ['{', *ind(lines, 4), '}']
     t_stores = [f"reinterpret_cast<{_MEM[plan.buffers[b].dtype]}*>(bufs[{b}][i])[0] = {_store(plan.buffers[b].dtype, f'v{v}')};"
                 for b,v in plan.tensor_stores]
@@ -233,14 +240,14 @@ def cpp_source(plan:Plan) -> str:
                 f"c{slot[r.out]} ? std::numeric_limits<double>::quiet_NaN() : a{slot[r.out]};") for r in ps.reduce]
         if quant:   # block by block: dequantize the old state, run the chain, quantize the new state (a block is a divisor of a chunk)
             qs = [b for b,_ in ps.stores if b in quant]
-            clauses = ' '.join([clauses] + [f"reduction(max:m{b}) reduction(+:n{b})" for b in qs])
+            clauses = ' '.join([clauses] + [f"reduction(max:m{b}) reduction(|:n{b})" for b in qs])
             return ['        for (int64_t c = lo; c < hi; c++) {',
                     '            const int64_t i = ct[c], s = (c + c0 - coff[i]) * CH, e = std::min(s + CH, numel[i]);',
                     *ind(tensor_in + pre + known + ptrs(ps) + acc, 12),
                     f'            for (int64_t bs = s; bs < e; bs += {QB}) {{',
                     f'                const int64_t be = std::min<int64_t>(bs + {QB}, e), bi = bs / {QB};',
                     *ind([f"const float a{b} = A{b}[bi];" for _,b in ps.loads if b in quant], 16),
-                    *ind([f"float q{b}[{QB}]; float m{b} = 0; int64_t n{b} = 0;" for b in qs], 16),
+                    *ind([f"float q{b}[{QB}]; float m{b} = 0; int32_t n{b} = 0;" for b in qs], 16),
                     f'                #pragma omp simd {clauses}', '                for (int64_t j = bs; j < be; j++) {', *ind(body(ps), 20), '                }',
                     *ind([l for b in qs for l in quantize(b)], 16),
                     '            }', *ind(keep, 12), '        }']
@@ -285,7 +292,32 @@ def cpp_source(plan:Plan) -> str:
         '    }', '    }', '}', '']
     return '\n'.join(src)
 
-# %% ../../nbs/10e_fused.cpu.ipynb #727f35b8
+# %% ../../nbs/10e_fused.cpu.ipynb #98bb94a5
+QSTEPS = 1   # comparisons after the table lookup (the kernels make one)
+
+def quant_table(qmap:torch.Tensor) -> torch.Tensor:
+    """What a kernel reads to dequantize and quantize with the code map `qmap` (2**bits sorted fp32 values): the map, its
+    midpoints (and `inf`), then as int32: the shift and offset of the cell index, the last cell, 2**bits-1, and the cells"""
+    qmap = qmap.detach().float().cpu().contiguous()
+    M = qmap.numel() - 1
+    mids = (qmap[:-1] + qmap[1:]) * 0.5   # as `fastopt.low_bit.quant_midpoints`, in fp32
+    md = mids.double()
+    for R in (24, 32, 40):   # exponents below 1 with cells of their own: smaller magnitudes share the first cell
+        for m in range(3, 10):   # mantissa bits of the cell index (8-bit dynamic maps: 6 or 7, 4-bit: 3)
+            top,base = R << m,(127 - R) << m
+            e = torch.arange(top + 2, dtype=torch.int64)
+            lo = ((e + base) << (23 - m)).to(torch.int32).view(torch.float32).double()   # each cell's smallest magnitude
+            lo[0],lo[top],lo[top + 1] = 0., 1., math.inf
+            lo,hi = lo[:-1],lo[1:]
+            below = lambda v, right=False: torch.searchsorted(md, v, right=right)
+            pos,neg = below(lo),below(-hi, True)   # midpoints surely below any value of the cell, positive and negative
+            if max(int((below(hi) - pos).max()), int((below(-lo) - neg).max())) <= QSTEPS:
+                head = torch.tensor([23 - m, base, top, M], dtype=torch.int32)
+                ints = torch.cat([head, torch.cat([pos, neg]).to(torch.int32)])
+                return torch.cat([qmap, mids, torch.tensor([math.inf]), ints.view(torch.float32)])
+    raise Untraceable(f"a code map of {M + 1} values the C++ kernels cannot index (midpoints too close together)")
+
+# %% ../../nbs/10e_fused.cpu.ipynb #6828bbfd
 cxx_flags = ['-O3', '-march=native', '-fopenmp', '-fno-math-errno', '-fno-trapping-math', '-ffp-contract=off', '-fPIC',
              '-shared', '-std=c++17', '-w']
 
@@ -346,7 +378,7 @@ def build(source:str, what:str='a callback chain') -> Path:
         finally: timer.cancel()
     return out
 
-# %% ../../nbs/10e_fused.cpu.ipynb #b64562b8
+# %% ../../nbs/10e_fused.cpu.ipynb #98061b31
 class CpuKernel:
     "A compiled `Plan` for CPU tensors: `kernel(tables, numel, scalars)` steps every tensor of the tables in place"
     device = 'cpu'
@@ -370,7 +402,7 @@ class CpuKernel:
         self.fn(n, bufs.buffer_info()[0], numel.buffer_info()[0], scal.buffer_info()[0],
                 nthreads or torch.get_num_threads(), self.group_elems)
 
-# %% ../../nbs/10e_fused.cpu.ipynb #3ad7cf31
+# %% ../../nbs/10e_fused.cpu.ipynb #49b8b125
 _digits = {torch.float32: (24, -125), torch.float64: (53, -1021), torch.bfloat16: (8, -125), torch.float16: (11, -13)}
 
 def ulps(a:torch.Tensor, b:torch.Tensor, scale=None) -> torch.Tensor:

@@ -161,7 +161,7 @@ class _Run:
     __slots__ = ('idx', 'st0')
     def __init__(self, idx, st0): self.idx,self.st0 = idx,st0
 
-# %% ../../nbs/10g_fused.engine.ipynb #ba6ef29c
+# %% ../../nbs/10g_fused.engine.ipynb #726e404c
 class _Cache:
     "What a bucket's parameters, gradients and state were checked to be at the last step: identities and data pointers"
     def __init__(self, states, keys, grads, gptrs, tensors):
@@ -334,13 +334,13 @@ class FusedEngine:
         return tables
 
     def _qmap(self, lb, key, device) -> Tensor:
-        "The code map of quantized state `key` followed by its midpoints (fp32, as `fastopt.low_bit.quant_midpoints`), kept per wrapper"
+        "The table the kernels read for quantized state `key` (`cpu.quant_table`: its code map, midpoints, a code index), kept per wrapper"
         k = (id(lb), key, device)
         t = self._qmaps.get(k)
         if t is None or t[0] is not lb:
-            m = lb.qmap(key).detach().to(device=device, dtype=torch.float32).contiguous()
+            m = lb.qmap(key)
             if m.shape != (1 << lb.bits,): raise ValueError(f"the code map of {key!r} has {m.numel()} values, not {1 << lb.bits}")
-            t = self._qmaps[k] = (lb, torch.cat([m, (m[:-1] + m[1:]) * 0.5]))
+            t = self._qmaps[k] = (lb, cpu.quant_table(m).to(device))
         return t[1]
 
     def _run(self, opt, b, r, hyper, grads, states) -> bool:
