@@ -161,7 +161,7 @@ class _Run:
     __slots__ = ('idx', 'st0')
     def __init__(self, idx, st0): self.idx,self.st0 = idx,st0
 
-# %% ../../nbs/10g_fused.engine.ipynb #726e404c
+# %% ../../nbs/10g_fused.engine.ipynb #4e0e8f0b
 class _Cache:
     "What a bucket's parameters, gradients and state were checked to be at the last step: identities and data pointers"
     def __init__(self, states, keys, grads, gptrs, tensors):
@@ -235,12 +235,14 @@ class FusedEngine:
             if end is not None and s < end[0]: why[pid] = why[end[1]] = "parameters that share memory"
             if end is None or e > end[0]: end = (e, pid)
         buckets,loose = [],[]
+        lb = _low_bit(opt.cbs)
+        small = (lambda p: p.numel() < getattr(lb, 'min_size', 0)) if lb is not None else (lambda p: False)   # full-precision state: a bucket of their own
         for g in opt.param_groups:
             by,lo = defaultdict(list),[]
             for p in g['params']:
-                if why[id(p)] is None: by[(_local(p).device, p.dtype, _is_dtensor(p))].append(p)
+                if why[id(p)] is None: by[(_local(p).device, p.dtype, _is_dtensor(p), small(p))].append(p)
                 else: lo.append(p)
-            buckets.append([_Bucket(ps, sharded) for (_,_,sharded),ps in by.items()])
+            buckets.append([_Bucket(ps, sharded) for (_,_,sharded,_),ps in by.items()])
             loose.append(lo)
         reasons = defaultdict(int)
         for w in why.values():
