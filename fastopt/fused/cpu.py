@@ -131,7 +131,7 @@ def _statement(op, names) -> str:
     if op.name in ('eq', 'ne', 'lt', 'le', 'gt', 'ge', 'and', 'or', 'xor', 'not'): return f"const bool v{op.out} = {expr};"
     return f"const {_ct(op.dtype)} v{op.out} = {_rounded(expr, op.dtype, op.ctype)};"
 
-# %% ../../nbs/10e_fused.cpu.ipynb #6583d577
+# %% ../../nbs/10e_fused.cpu.ipynb #539e8f06
 CHUNK = 2048  # elements a reduction adds up before its sum is stored: fixed, so the result does not depend on the threads
 
 def _acc_type(r, types) -> str:
@@ -181,7 +181,7 @@ def cpp_source(plan:Plan) -> str:
         return res
     def qload(b):
         "A quantized value: its code's entry of the map times its block's scale (`a{b}`, read before the block's loop)"
-        code = f"P{b}[j]" if quant[b][0] == 8 else f"((P{b}[j >> 1] >> ((j & 1) << 2)) & 15)"
+        code = f"P{b}[j]" if quant[b][0] == 8 else f"u{b}[j - bs]"   # 4-bit: the block's codes unpacked first
         return f"M{b}[{code}] * a{b}"
     def body(ps):
         lines = [f"const float v{v} = {qload(b)};" if b in quant else
@@ -206,9 +206,15 @@ def cpp_source(plan:Plan) -> str:
                  f"const int32_t sh = H{b}[0], base = H{b}[1], top = H{b}[2], mx = H{b}[3]; const int32_t* __restrict L{b} = H{b} + 4;",
                  "#pragma omp simd"]
         if bits == 8: lines += [f"for (int64_t j = 0; j < be - bs; j++) P{b}[bs + j] = static_cast<uint8_t>({code('j')});"]
-        else: lines += [f"for (int64_t h = 0; h < (be - bs) >> 1; h++) P{b}[(bs >> 1) + h] = static_cast<uint8_t>({code('2 * h')} | ({code('2 * h + 1')} << 4));",
-                        f"if ((be - bs) & 1) P{b}[(be - 1) >> 1] = static_cast<uint8_t>({code('be - bs - 1')});   // the last byte of an odd count: high nibble 0"]
+        else: lines[-1:] = [f"uint8_t c{b}[{QB} + 1]; c{b}[be - bs] = 0;   // the last byte of an odd count: high nibble 0", "#pragma omp simd",
+                            f"for (int64_t j = 0; j < be - bs; j++) c{b}[j] = static_cast<uint8_t>({code('j')});",
+                        "#pragma omp simd",
+                        f"for (int64_t h = 0; h < (be - bs + 1) >> 1; h++) P{b}[(bs >> 1) + h] = static_cast<uint8_t>(c{b}[2 * h] | (c{b}[2 * h + 1] << 4));"]
         return ['{', *ind(lines, 4), '}']
+    def unpack(b):
+        "A block's 4-bit codes, one a byte (the element loop then reads them as 8-bit ones)"
+        return [f"uint8_t u{b}[{QB} + 1];", "#pragma omp simd",
+                f"for (int64_t h = 0; h < (be - bs + 1) >> 1; h++) {{ const uint8_t c = P{b}[(bs >> 1) + h]; u{b}[2 * h] = c & 15; u{b}[2 * h + 1] = c >> 4; }}"]
     t_stores = [f"reinterpret_cast<{_MEM[plan.buffers[b].dtype]}*>(bufs[{b}][i])[0] = {_store(plan.buffers[b].dtype, f'v{v}')};"
                 for b,v in plan.tensor_stores]
     head = [_PRELUDE, 'extern "C" void fo_step(int64_t n, const int64_t* const* bufs, const int64_t* numel, const double* scal,',
@@ -247,6 +253,7 @@ def cpp_source(plan:Plan) -> str:
                     f'            for (int64_t bs = s; bs < e; bs += {QB}) {{',
                     f'                const int64_t be = std::min<int64_t>(bs + {QB}, e), bi = bs / {QB};',
                     *ind([f"const float a{b} = A{b}[bi];" for _,b in ps.loads if b in quant], 16),
+                    *ind([l for _,b in ps.loads if b in quant and quant[b][0] == 4 for l in unpack(b)], 16),
                     *ind([f"float q{b}[{QB}]; float m{b} = 0; int32_t n{b} = 0;" for b in qs], 16),
                     f'                #pragma omp simd {clauses}', '                for (int64_t j = bs; j < be; j++) {', *ind(body(ps), 20), '                }',
                     *ind([l for b in qs for l in quantize(b)], 16),
