@@ -231,7 +231,7 @@ def trace_chain(cbs, p_dtype, g_dtype, state:dict, hyper:dict, ekeys=None, qkeys
     per-tensor inputs; `qkeys`: quantized state, key -> (bits, block size)"""
     return _trace(cbs, p_dtype, g_dtype, state, hyper, ekeys, qkeys)[0]
 
-# %% ../../nbs/10b_fused.trace.ipynb #6ad68940
+# %% ../../nbs/10b_fused.trace.ipynb #20be1caa
 class _ScalarProgram:
     "The Python arithmetic a traced chain does on its numeric inputs, to redo without tracing; `guards`: branches taken"
     def __init__(self): self.ops,self.guards,self.n = [],[],0
@@ -296,7 +296,7 @@ for _n in 'add sub mul truediv floordiv mod pow'.split():
 for _n in 'lt le gt ge eq ne'.split(): setattr(_Sym, f'__{_n}__', lambda s, o, f=getattr(operator, _n): s._op(f, s, o))
 for _n in 'neg pos abs'.split(): setattr(_Sym, f'__{_n}__', lambda s, f=getattr(operator, _n): s._op(f, s))
 
-# %% ../../nbs/10b_fused.trace.ipynb #8e256fba
+# %% ../../nbs/10b_fused.trace.ipynb #3e1b33f3
 _traces = {}  # structure of a chain's inputs -> its cached traces (or None: trace every step); shared by every optimizer
 
 def _pure(cb):
@@ -349,7 +349,7 @@ def _symbolic(d, prog):
     sym = lambda v: prog.input(v) if _is_num(v) else tuple(map(prog.input, v)) if _is_nums(v) else v
     return {k: sym(v) for k,v in d.items()}
 
-# %% ../../nbs/10b_fused.trace.ipynb #3df8a966
+# %% ../../nbs/10b_fused.trace.ipynb #d8e8036c
 def _same(a, b): return a == b or a != a and b != b  # nan equals nan here
 
 class _CachedTrace:
