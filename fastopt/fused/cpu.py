@@ -15,8 +15,8 @@ from .passes import Plan
 from .trace import Untraceable
 
 # %% auto #0
-__all__ = ['cpp_ops', 'CHUNK', 'QSTEPS', 'cxx_flags', 'compiles', 'say_after', 'cpp_source', 'quant_table', 'find_cxx',
-           'cache_dir', 'CompileError', 'build', 'CpuKernel', 'ulps']
+__all__ = ['cpp_ops', 'CHUNK', 'cxx_flags', 'compiles', 'say_after', 'cpp_source', 'quant_table', 'find_cxx', 'cache_dir',
+           'CompileError', 'build', 'CpuKernel', 'ulps']
 
 # %% ../../nbs/10e_fused.cpu.ipynb #232a6365
 _CT = {torch.float32: 'float', torch.float64: 'double', torch.bfloat16: 'float', torch.float16: 'float', torch.bool: 'bool'}
@@ -39,7 +39,7 @@ def _load(dt, ptr):
 def _store(dt, expr):
     return {torch.bfloat16: f"fo_to_bf16(static_cast<float>({expr}))", torch.float16: f"static_cast<_Float16>({expr})"}.get(dt, f"static_cast<{_MEM[dt]}>({expr})")
 
-# %% ../../nbs/10e_fused.cpu.ipynb #c94bed8f
+# %% ../../nbs/10e_fused.cpu.ipynb #384ee4db
 cpp_ops = {
     'add': '({0} + {1})', 'sub': '({0} - {1})', 'mul': '({0} * {1})', 'div': '({0} / {1})', 'fma': 'std::fma({0}, {1}, {2})',
     'neg': '(-{0})', 'abs': 'std::abs({0})', 'sqrt': 'std::sqrt({0})', 'rsqrt': '(T(1) / std::sqrt({0}))',
@@ -88,14 +88,16 @@ template <class T> static inline T fo_powscalar(T x, double e, T r) {
     if (e == 1) return x;
     if (e == 0) return T(1);
     return std::pow(x, r); }
-static inline int32_t fo_code(const float* __restrict d, const int32_t* __restrict lut, int32_t sh, int32_t base, int32_t top, int32_t mx, float x) {
-    // how many of the sorted midpoints d are below x (all of them for a nan, as torch.searchsorted): see `quant_table`
+static inline int32_t fo_code(const int32_t* __restrict lut, int32_t sh, int32_t base, int32_t top, int32_t mx, float x) {
+    // how many of a map's sorted midpoints are below x (all of them for a nan, as torch.searchsorted): see `quant_table`
     uint32_t u; std::memcpy(&u, &x, 4);
-    int32_t e = (int32_t)((u & 0x7FFFFFFFu) >> sh) - base;
+    const uint32_t mag = u & 0x7FFFFFFFu;
+    int32_t e = (int32_t)(mag >> sh) - base;
     e = e < 0 ? 0 : (e > top ? top : e);
-    int32_t c = lut[(int32_t)(u >> 31) * (top + 1) + e];
-    c += d[c] < x ? 1 : 0;
-    return x != x ? mx : c; }
+    const int32_t s = (int32_t)(u >> 31), t = lut[s * (top + 1) + e];
+    const int32_t xl = (int32_t)(mag & ((1u << sh) - 1u)), ml = t >> 9;   // the low mantissa bits of x and of the cell's midpoint
+    const int32_t above = s ? (ml > xl ? 1 : 0) : (ml < xl ? 1 : 0);
+    return x != x ? mx : (t & 255) + ((t >> 8) & above); }
 '''
 
 # %% ../../nbs/10e_fused.cpu.ipynb #fe9d3028
@@ -131,7 +133,7 @@ def _statement(op, names) -> str:
     if op.name in ('eq', 'ne', 'lt', 'le', 'gt', 'ge', 'and', 'or', 'xor', 'not'): return f"const bool v{op.out} = {expr};"
     return f"const {_ct(op.dtype)} v{op.out} = {_rounded(expr, op.dtype, op.ctype)};"
 
-# %% ../../nbs/10e_fused.cpu.ipynb #539e8f06
+# %% ../../nbs/10e_fused.cpu.ipynb #0a359f14
 CHUNK = 2048  # elements a reduction adds up before its sum is stored: fixed, so the result does not depend on the threads
 
 def _acc_type(r, types) -> str:
@@ -199,10 +201,10 @@ def cpp_source(plan:Plan) -> str:
     def quantize(b):
         "The block's new scale, then its codes: the number of the map's midpoints below each value over the scale"
         bits,h = quant[b][0],f"(1 << {quant[b][0]})"
-        code = lambda j: f"fo_code(D{b}, L{b}, sh, base, top, mx, q{b}[{j}] / sc)"
+        code = lambda j: f"fo_code(L{b}, sh, base, top, mx, q{b}[{j}] / sc)"
         lines = ["const float am = n{0} ? std::numeric_limits<float>::quiet_NaN() : m{0};".format(b), f"A{b}[bi] = am;",
                  "const float sc = am > 0.f ? am : 1.f;   // a block of zeros (or with a nan) is divided by 1, as `quantize_blockwise` does",
-                 f"const float* __restrict D{b} = M{b} + {h};", f"const int32_t* __restrict H{b} = reinterpret_cast<const int32_t*>(M{b} + 2 * {h});",
+                 f"const int32_t* __restrict H{b} = reinterpret_cast<const int32_t*>(M{b} + 2 * {h});",
                  f"const int32_t sh = H{b}[0], base = H{b}[1], top = H{b}[2], mx = H{b}[3]; const int32_t* __restrict L{b} = H{b} + 4;",
                  "#pragma omp simd"]
         if bits == 8: lines += [f"for (int64_t j = 0; j < be - bs; j++) P{b}[bs + j] = static_cast<uint8_t>({code('j')});"]
@@ -299,29 +301,30 @@ def cpp_source(plan:Plan) -> str:
         '    }', '    }', '}', '']
     return '\n'.join(src)
 
-# %% ../../nbs/10e_fused.cpu.ipynb #98bb94a5
-QSTEPS = 1   # comparisons after the table lookup (the kernels make one)
-
+# %% ../../nbs/10e_fused.cpu.ipynb #8b394bdd
 def quant_table(qmap:torch.Tensor) -> torch.Tensor:
     """What a kernel reads to dequantize and quantize with the code map `qmap` (2**bits sorted fp32 values): the map, its
-    midpoints (and `inf`), then as int32: the shift and offset of the cell index, the last cell, 2**bits-1, and the cells"""
+    midpoints (and `inf`), then as int32: the shift and offset of the cell index, the last cell, 2**bits-1, and the cells
+    (the midpoints below the cell, whether one is in it, and that one's low mantissa bits)"""
     qmap = qmap.detach().float().cpu().contiguous()
     M = qmap.numel() - 1
     mids = (qmap[:-1] + qmap[1:]) * 0.5   # as `fastopt.low_bit.quant_midpoints`, in fp32
-    md = mids.double()
-    for R in (24, 32, 40):   # exponents below 1 with cells of their own: smaller magnitudes share the first cell
+    md,ub = mids.double(),mids.view(torch.int32).long() & 0xFFFFFFFF
+    for R in (24, 32, 40, 48, 64, 96, 125):   # exponents below 1 with cells of their own: smaller magnitudes share the first cell
         for m in range(3, 10):   # mantissa bits of the cell index (8-bit dynamic maps: 6 or 7, 4-bit: 3)
-            top,base = R << m,(127 - R) << m
+            top,base,sh = R << m,(127 - R) << m,23 - m
+            cell = (ub >> 31) * (top + 1) + (((ub & 0x7FFFFFFF) >> sh) - base).clamp(0, top)   # each midpoint's cell, as the kernel finds it
+            n = torch.bincount(cell, minlength=2 * (top + 1))
+            if n.max() > 1 or n[[0, top, top + 1, 2 * top + 1]].any(): continue   # one midpoint a cell at most, none in the shared ones
             e = torch.arange(top + 2, dtype=torch.int64)
-            lo = ((e + base) << (23 - m)).to(torch.int32).view(torch.float32).double()   # each cell's smallest magnitude
+            lo = ((e + base) << sh).to(torch.int32).view(torch.float32).double()   # each cell's smallest magnitude
             lo[0],lo[top],lo[top + 1] = 0., 1., math.inf
             lo,hi = lo[:-1],lo[1:]
-            below = lambda v, right=False: torch.searchsorted(md, v, right=right)
-            pos,neg = below(lo),below(-hi, True)   # midpoints surely below any value of the cell, positive and negative
-            if max(int((below(hi) - pos).max()), int((below(-lo) - neg).max())) <= QSTEPS:
-                head = torch.tensor([23 - m, base, top, M], dtype=torch.int32)
-                ints = torch.cat([head, torch.cat([pos, neg]).to(torch.int32)])
-                return torch.cat([qmap, mids, torch.tensor([math.inf]), ints.view(torch.float32)])
+            below = torch.cat([torch.searchsorted(md, lo), torch.searchsorted(md, -hi, right=True)])   # midpoints below any value of the cell
+            low = torch.zeros_like(n); low[cell] = ub & ((1 << sh) - 1)
+            cells = below | (n << 8) | (low << 9)
+            head = torch.tensor([sh, base, top, M], dtype=torch.int32)
+            return torch.cat([qmap, mids, torch.tensor([math.inf]), torch.cat([head, cells.to(torch.int32)]).view(torch.float32)])
     raise Untraceable(f"a code map of {M + 1} values the C++ kernels cannot index (midpoints too close together)")
 
 # %% ../../nbs/10e_fused.cpu.ipynb #6828bbfd
