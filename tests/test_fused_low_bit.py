@@ -156,3 +156,30 @@ def test_cuda_steps_low_bit_eagerly(monkeypatch):
     assert of.engine.failed is None and of.engine.stepped == {'fused': 0, 'eager': 6}
     pe,_,oe = run('eager', make, shapes=shapes, steps=3)
     for a,b in zip(pf, pe): assert torch.equal(a, b)
+
+@pytest.mark.parametrize('bits', [8, 4])
+def test_nan_inf_and_zero_blocks(bits):
+    "Blocks of zeros, and a nan and an inf gradient (a nan scale: the block divided by 1): the eager wrapper's codes"
+    def grads(p, s, g):
+        x = torch.randn(p.shape, generator=g)
+        x[:512] = 0; x[-300:] = 0
+        if s == 2: x[700] = float('nan'); x[1500] = float('inf')
+        return x
+    def go(engine):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(5000) * 0.1), torch.nn.Parameter(torch.randn(4097))]
+        opt = (AdamW8bit if bits == 8 else AdamW4bit)(ps, lr=1e-2); opt.engine = engine
+        g = torch.Generator().manual_seed(1)
+        for s in range(4):
+            for p in ps: p.grad = grads(p, s, g)
+            opt.step()
+        return ps, opt
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        pf,of = go('fused')
+    pe,oe = go('eager')
+    assert of.engine.stepped['fused'] == 6
+    for a,b in zip(pf, pe):
+        assert torch.equal(a.isnan(), b.isnan())
+        for k,v in oe.state[b].items():
+            if k.endswith(('_codes', '_absmax')): torch.testing.assert_close(of.state[a][k], v, rtol=0, atol=0, equal_nan=True)
