@@ -39,7 +39,7 @@ def _load(dt, ptr):
 def _store(dt, expr):
     return {torch.bfloat16: f"fo_to_bf16(static_cast<float>({expr}))", torch.float16: f"static_cast<_Float16>({expr})"}.get(dt, f"static_cast<{_MEM[dt]}>({expr})")
 
-# %% ../../nbs/10e_fused.cpu.ipynb #384ee4db
+# %% ../../nbs/10e_fused.cpu.ipynb #7e0b45f7
 cpp_ops = {
     'add': '({0} + {1})', 'sub': '({0} - {1})', 'mul': '({0} * {1})', 'div': '({0} / {1})', 'fma': 'std::fma({0}, {1}, {2})',
     'neg': '(-{0})', 'abs': 'std::abs({0})', 'sqrt': 'std::sqrt({0})', 'rsqrt': '(T(1) / std::sqrt({0}))',
@@ -88,6 +88,24 @@ template <class T> static inline T fo_powscalar(T x, double e, T r) {
     if (e == 1) return x;
     if (e == 0) return T(1);
     return std::pow(x, r); }
+static inline void fo_map4(const float* __restrict map, const uint8_t* __restrict codes, float* __restrict out, int64_t nbytes) {
+    // out[2h], out[2h + 1] = map[low nibble], map[high nibble] of codes[h]: with GCC, 16 bytes at a time by register permutes
+    int64_t h = 0;
+#if defined(__GNUC__) && !defined(__clang__)
+    typedef float v16f __attribute__((vector_size(64)));
+    typedef int32_t v16i __attribute__((vector_size(64)));
+    typedef uint8_t v16b __attribute__((vector_size(16)));
+    v16f tbl; std::memcpy(&tbl, map, 64);
+    const v16i lo_half = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23}, hi_half = lo_half + 8;
+    for (; h + 16 <= nbytes; h += 16) {
+        v16b b; std::memcpy(&b, codes + h, 16);
+        const v16i c = __builtin_convertvector(b, v16i);
+        const v16f lo = __builtin_shuffle(tbl, c & 15), hi = __builtin_shuffle(tbl, c >> 4);
+        const v16f a = __builtin_shuffle(lo, hi, lo_half), d = __builtin_shuffle(lo, hi, hi_half);
+        std::memcpy(out + 2 * h, &a, 64); std::memcpy(out + 2 * h + 16, &d, 64);
+    }
+#endif
+    for (; h < nbytes; h++) { out[2 * h] = map[codes[h] & 15]; out[2 * h + 1] = map[codes[h] >> 4]; } }
 static inline int32_t fo_code(const int32_t* __restrict lut, int32_t sh, int32_t base, int32_t top, int32_t mx, float x) {
     // how many of a map's sorted midpoints are below x (all of them for a nan, as torch.searchsorted): see `quant_table`
     uint32_t u; std::memcpy(&u, &x, 4);
@@ -133,7 +151,7 @@ def _statement(op, names) -> str:
     if op.name in ('eq', 'ne', 'lt', 'le', 'gt', 'ge', 'and', 'or', 'xor', 'not'): return f"const bool v{op.out} = {expr};"
     return f"const {_ct(op.dtype)} v{op.out} = {_rounded(expr, op.dtype, op.ctype)};"
 
-# %% ../../nbs/10e_fused.cpu.ipynb #0a359f14
+# %% ../../nbs/10e_fused.cpu.ipynb #ea44a2b4
 CHUNK = 2048  # elements a reduction adds up before its sum is stored: fixed, so the result does not depend on the threads
 
 def _acc_type(r, types) -> str:
@@ -183,8 +201,7 @@ def cpp_source(plan:Plan) -> str:
         return res
     def qload(b):
         "A quantized value: its code's entry of the map times its block's scale (`a{b}`, read before the block's loop)"
-        code = f"P{b}[j]" if quant[b][0] == 8 else f"u{b}[j - bs]"   # 4-bit: the block's codes unpacked first
-        return f"M{b}[{code}] * a{b}"
+        return f"M{b}[P{b}[j]] * a{b}" if quant[b][0] == 8 else f"w{b}[j - bs] * a{b}"   # 4-bit: the block's map values looked up first
     def body(ps):
         lines = [f"const float v{v} = {qload(b)};" if b in quant else
                  f"const {_ct(types[v][1])} v{v} = {_load(plan.buffers[b].dtype, f'P{b}[j]')};" for v,b in ps.loads]
@@ -214,9 +231,8 @@ def cpp_source(plan:Plan) -> str:
                         f"for (int64_t h = 0; h < (be - bs + 1) >> 1; h++) P{b}[(bs >> 1) + h] = static_cast<uint8_t>(c{b}[2 * h] | (c{b}[2 * h + 1] << 4));"]
         return ['{', *ind(lines, 4), '}']
     def unpack(b):
-        "A block's 4-bit codes, one a byte (the element loop then reads them as 8-bit ones)"
-        return [f"uint8_t u{b}[{QB} + 1];", "#pragma omp simd",
-                f"for (int64_t h = 0; h < (be - bs + 1) >> 1; h++) {{ const uint8_t c = P{b}[(bs >> 1) + h]; u{b}[2 * h] = c & 15; u{b}[2 * h + 1] = c >> 4; }}"]
+        "A block's 4-bit codes as their map values (the element loop multiplies them by the block's scale)"
+        return [f"float w{b}[{QB} + 32];", f"fo_map4(M{b}, P{b} + (bs >> 1), w{b}, (be - bs + 1) >> 1);"]
     t_stores = [f"reinterpret_cast<{_MEM[plan.buffers[b].dtype]}*>(bufs[{b}][i])[0] = {_store(plan.buffers[b].dtype, f'v{v}')};"
                 for b,v in plan.tensor_stores]
     head = [_PRELUDE, 'extern "C" void fo_step(int64_t n, const int64_t* const* bufs, const int64_t* numel, const double* scal,',
