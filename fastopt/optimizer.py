@@ -600,14 +600,21 @@ def _check_state(self, sd):
             if name not in own: self._check_state_value(k, p, name, v, per_elem)
     return idx2p
 
+def _all_cbs(cbs):
+    "The callbacks `cbs` and, depth first, those of the chains wrappers (`FP32Math`, `LowBitState`) hold in `.cbs`"
+    for cb in cbs:
+        yield cb
+        inner = getattr(cb, 'cbs', None)
+        if isinstance(inner, (list, tuple)): yield from _all_cbs(inner)
+
 def _own_state(self, k, p, st) -> set:
     "Names in state `st` of parameter index `k` that a callback keeping state in its own format (`LowBitState`) checked"
-    return {n for cb in self.cbs if callable(chk := getattr(cb, 'check_state', None))
+    return {n for cb in _all_cbs(self.cbs) if callable(chk := getattr(cb, 'check_state', None))
             for n in chk(f"`state_dict` state of parameter {k}", p, st)}
 
 def _loaded_state(self, p, st):
     "State `st` of `p` as the callbacks keep it: `loaded_state` of a callback (`LowBitState`) converts it (quantizes)"
-    for cb in self.cbs:
+    for cb in _all_cbs(self.cbs):
         if callable(f := getattr(cb, 'loaded_state', None)): st = f(p, st)
     return st
 

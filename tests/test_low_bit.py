@@ -332,3 +332,21 @@ def test_with_fp32_math_and_pickle():
     x = torch.randn(4, 64, dtype=torch.bfloat16)
     for mm,oo in ((m, opt), (m2, o2)): mm(x).float().pow(2).mean().backward(); oo.step()
     assert torch.equal(m.weight, m2.weight)
+
+def test_inside_fp32_math_state_dict():
+    "`fp32_math(low_bit(...))`: the codes sit inside `FP32Math`'s chain and its state dict still saves, checks and loads"
+    from fastopt.precision import fp32_math
+    def run(opt_sd=None, n=2):
+        torch.manual_seed(0)
+        m = nn.Linear(64, 64).to(torch.bfloat16)
+        opt = fp32_math(low_bit(Adam(m.parameters(), 1e-3), 8, min_size=0))
+        if opt_sd is not None: opt.load_state_dict(opt_sd)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(n): m(torch.randn(4, 64, generator=g).bfloat16()).float().pow(2).mean().backward(); opt.step(); opt.zero_grad()
+        return opt
+    sd = run().state_dict()
+    assert sd['state'][0]['grad_avg_codes'].dtype == torch.uint8
+    bad = {**sd, 'state': {**sd['state'], 0: {**sd['state'][0], 'grad_avg_codes': sd['state'][0]['grad_avg_codes'][1:]}}}
+    with pytest.raises(ValueError, match='grad_avg_codes'): run(bad, 0)
+    assert 'grad_avg' in full_precision_state_dict(run(sd, 1))['state'][0]
+    with pytest.raises(ValueError, match='already'): low_bit(run(n=0))
