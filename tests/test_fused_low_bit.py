@@ -183,3 +183,22 @@ def test_nan_inf_and_zero_blocks(bits):
         assert torch.equal(a.isnan(), b.isnan())
         for k,v in oe.state[b].items():
             if k.endswith(('_codes', '_absmax')): torch.testing.assert_close(of.state[a][k], v, rtol=0, atol=0, equal_nan=True)
+
+def test_inside_fp32_math():
+    "`fp32_math(low_bit(...))` on bf16 weights (fp32 master copies, 8-bit moments): fused, the eager codes, the master within ulps"
+    from fastopt.precision import fp32_math
+    make = lambda ps: fp32_math(low_bit(Adam(ps, lr=1e-2, wd=0.01), 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        pf,_,of = run('fused', make, torch.bfloat16)
+    pe,w0,oe = run('eager', make, torch.bfloat16)
+    assert fengine._low_bit(of.cbs) is of.cbs[0].cbs[0]
+    assert of.engine.failed is None and of.engine.stepped['fused'] == 5 * len(pf)
+    for a,b,w in zip(pf, pe, w0):
+        sa,sb = of.state[a],oe.state[b]
+        assert sa.keys() == sb.keys() and ('grad_avg_codes' in sb) == (a.numel() >= 4096)
+        for k,v in sb.items():
+            if k.endswith(('_codes', '_absmax')): assert torch.equal(sa[k], v), (a.shape, k)
+        moved = (sb['fp32_master'].double() - w.double()).abs().float()
+        assert ulps(sa['fp32_master'], sb['fp32_master'], scale=moved).max() <= 24
+        assert torch.equal(a.detach(), sa['fp32_master'].bfloat16())   # the weight: its master rounded once, as eager

@@ -52,7 +52,7 @@ def _why_not(p):
     if not _dense(p): return "a parameter with gaps in memory (a strided view)"
     return None
 
-# %% ../../nbs/10g_fused.engine.ipynb #74151a85
+# %% ../../nbs/10g_fused.engine.ipynb #bfef1611
 class _Bucket:
     "The parameters of one group with one device, dtype and tensor type that the kernels step, and what they were checked to be"
     def __init__(self, params, sharded):
@@ -79,11 +79,14 @@ class _Bucket:
         return laid and set(map(_dtype_of, grads)) == {self.dtype}
 
 def _low_bit(cbs):
-    """The wrapper a chain is if it keeps some state quantized (`fastopt.low_bit.LowBitState`), else None: one callback
-    with `state_format` set and `cbs` (the chain it runs), `bits`, `block_size` and `qmap(key)` (the code map of a key)"""
+    """The wrapper in a chain that keeps some state quantized (`fastopt.low_bit.LowBitState`), else None: the chain's one
+    callback, or the one callback of a wrapper's chain (`fp32_math(low_bit(...))`), with `state_format` set and `cbs`
+    (the chain it runs), `bits`, `block_size` and `qmap(key)` (the code map of a key). Traced, it runs its chain as is:
+    the kernels dequantize and quantize"""
     if len(cbs) != 1: return None
     w = cbs[0]
-    return w if getattr(w, 'state_format', False) and all(hasattr(w, a) for a in ('cbs', 'bits', 'block_size', 'qmap')) else None
+    if getattr(w, 'state_format', False) and all(hasattr(w, a) for a in ('cbs', 'bits', 'block_size', 'qmap')): return w
+    return _low_bit(w.cbs) if getattr(type(w), 'pure_chain', False) and isinstance(getattr(w, 'cbs', None), list) else None
 
 def _qkeys(p, st, lb) -> tuple|None:
     "The keys of `st` kept quantized by the low-bit wrapper `lb` (codes and block scales laid out as the kernels read them), or None"
@@ -161,7 +164,7 @@ class _Run:
     __slots__ = ('idx', 'st0')
     def __init__(self, idx, st0): self.idx,self.st0 = idx,st0
 
-# %% ../../nbs/10g_fused.engine.ipynb #4e0e8f0b
+# %% ../../nbs/10g_fused.engine.ipynb #a1f8a747
 class _Cache:
     "What a bucket's parameters, gradients and state were checked to be at the last step: identities and data pointers"
     def __init__(self, states, keys, grads, gptrs, tensors):
@@ -350,14 +353,14 @@ class FusedEngine:
         p0 = b.p[0 if r.idx is None else r.idx[0]]
         lb = _low_bit(opt.cbs)
         ek,tk,_,qk = _state_keys(p0, r.st0, lb)
-        cbs,st0,qkeys = opt.cbs,r.st0,None
-        if lb is not None:   # the chain the wrapper runs, on its quantized state as fp32 values (the kernel (de)quantizes)
-            if qk and (b.device.type != 'cpu' or b.sharded):
+        st0,qkeys = r.st0,None
+        if qk:   # the quantized state as fp32 values of the chain (the wrapper, traced, runs its chain; the kernel (de)quantizes)
+            if b.device.type != 'cpu' or b.sharded:
                 self._say(f"low-bit state on {'a sharded parameter' if b.sharded else b.device.type} is stepped by the eager engine")
                 return False
-            cbs,qkeys = lb.cbs,{k: (lb.bits, lb.block_size) for k in qk}
-            if qk: st0 = {k: v for k,v in st0.items() if k not in _qnames(qk)}
-        try: traced,cached = trace_cached(cbs, b.dtype, b.dtype, st0, hyper, set(ek), qkeys)
+            qkeys = {k: (lb.bits, lb.block_size) for k in qk}
+            st0 = {k: v for k,v in st0.items() if k not in _qnames(qk)}
+        try: traced,cached = trace_cached(opt.cbs, b.dtype, b.dtype, st0, hyper, set(ek), qkeys)
         except _Restructure: return False
         except Untraceable as e: self._fail(str(e)); return False
         try:
