@@ -343,7 +343,7 @@ def quant_table(qmap:torch.Tensor) -> torch.Tensor:
             return torch.cat([qmap, mids, torch.tensor([math.inf]), torch.cat([head, cells.to(torch.int32)]).view(torch.float32)])
     raise Untraceable(f"a code map of {M + 1} values the C++ kernels cannot index (midpoints too close together)")
 
-# %% ../../nbs/10e_fused.cpu.ipynb #6828bbfd
+# %% ../../nbs/10e_fused.cpu.ipynb #8a24bde5
 cxx_flags = ['-O3', '-march=native', '-fopenmp', '-fno-math-errno', '-fno-trapping-math', '-ffp-contract=off', '-fPIC',
              '-shared', '-std=c++17', '-w']
 
@@ -404,7 +404,7 @@ def build(source:str, what:str='a callback chain') -> Path:
         finally: timer.cancel()
     return out
 
-# %% ../../nbs/10e_fused.cpu.ipynb #98061b31
+# %% ../../nbs/10e_fused.cpu.ipynb #53973c7d
 class CpuKernel:
     "A compiled `Plan` for CPU tensors: `kernel(tables, numel, scalars)` steps every tensor of the tables in place"
     device = 'cpu'
@@ -428,7 +428,7 @@ class CpuKernel:
         self.fn(n, bufs.buffer_info()[0], numel.buffer_info()[0], scal.buffer_info()[0],
                 nthreads or torch.get_num_threads(), self.group_elems)
 
-# %% ../../nbs/10e_fused.cpu.ipynb #49b8b125
+# %% ../../nbs/10e_fused.cpu.ipynb #9a0e9790
 _digits = {torch.float32: (24, -125), torch.float64: (53, -1021), torch.bfloat16: (8, -125), torch.float16: (11, -13)}
 
 def ulps(a:torch.Tensor, b:torch.Tensor, scale=None) -> torch.Tensor:
