@@ -164,7 +164,7 @@ class _Run:
     __slots__ = ('idx', 'st0')
     def __init__(self, idx, st0): self.idx,self.st0 = idx,st0
 
-# %% ../../nbs/10g_fused.engine.ipynb #a1f8a747
+# %% ../../nbs/10g_fused.engine.ipynb #23a054d0
 class _Cache:
     "What a bucket's parameters, gradients and state were checked to be at the last step: identities and data pointers"
     def __init__(self, states, keys, grads, gptrs, tensors):
@@ -355,8 +355,8 @@ class FusedEngine:
         ek,tk,_,qk = _state_keys(p0, r.st0, lb)
         st0,qkeys = r.st0,None
         if qk:   # the quantized state as fp32 values of the chain (the wrapper, traced, runs its chain; the kernel (de)quantizes)
-            if b.device.type != 'cpu' or b.sharded:
-                self._say(f"low-bit state on {'a sharded parameter' if b.sharded else b.device.type} is stepped by the eager engine")
+            if b.sharded:
+                self._say("low-bit state of a sharded (DTensor) parameter is stepped by the eager engine")
                 return False
             qkeys = {k: (lb.bits, lb.block_size) for k in qk}
             st0 = {k: v for k,v in st0.items() if k not in _qnames(qk)}
