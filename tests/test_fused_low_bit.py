@@ -2,7 +2,7 @@
 dequantized in registers, the chain run, each block's new state quantized at its end) and gives the eager wrapper's
 result: codes and block scales bit for bit, the weights within a few ulps of the update (the chains' own fp32 `sqrt` and
 divisions by per-step values are the engine's usual ulps); parameters below `min_size` (full-precision state) step in
-their own kernel; a kernel that fails steps eagerly once"""
+their own kernel; the Triton kernels, in Triton's interpreter, give the same codes; a kernel that fails steps eagerly once"""
 import os, subprocess, sys, warnings
 from functools import partial
 from pathlib import Path
