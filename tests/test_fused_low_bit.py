@@ -196,3 +196,16 @@ def test_inside_fp32_math():
         moved = (sb['fp32_master'].double() - w.double()).abs().float()
         assert ulps(sa['fp32_master'], sb['fp32_master'], scale=moved).max() <= 24
         assert torch.equal(a.detach(), sa['fp32_master'].bfloat16())   # the weight: its master rounded once, as eager
+
+def test_low_bit_among_other_callbacks_steps_eagerly():
+    "A `LowBitState` that is not the chain's one callback: stepped eagerly, with one warning, exactly as eager"
+    def make(ps):
+        opt = Adam(ps, lr=1e-2)
+        opt.cbs = [LowBitState(opt.cbs), lambda p, **kwargs: None]   # another callback after the wrapper
+        return opt
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        pf,_,of = run('fused', make, steps=3)
+    pe,_,oe = run('eager', make, steps=3)
+    assert [str(x.message) for x in w if 'fused engine' in str(x.message)] and 'among other callbacks' in of.engine.failed
+    for a,b in zip(pf, pe): assert torch.equal(a, b)

@@ -52,7 +52,7 @@ def _why_not(p):
     if not _dense(p): return "a parameter with gaps in memory (a strided view)"
     return None
 
-# %% ../../nbs/10g_fused.engine.ipynb #bfef1611
+# %% ../../nbs/10g_fused.engine.ipynb #3903e7dd
 class _Bucket:
     "The parameters of one group with one device, dtype and tensor type that the kernels step, and what they were checked to be"
     def __init__(self, params, sharded):
@@ -87,6 +87,11 @@ def _low_bit(cbs):
     w = cbs[0]
     if getattr(w, 'state_format', False) and all(hasattr(w, a) for a in ('cbs', 'bits', 'block_size', 'qmap')): return w
     return _low_bit(w.cbs) if getattr(type(w), 'pure_chain', False) and isinstance(getattr(w, 'cbs', None), list) else None
+
+def _keeps_own_state(cbs) -> bool:
+    "True if a callback of the chain, or of a wrapper's chain, keeps its state in its own format (`state_format`)"
+    return any(getattr(cb, 'state_format', False) or getattr(type(cb), 'pure_chain', False) and isinstance(getattr(cb, 'cbs', None), list)
+               and _keeps_own_state(cb.cbs) for cb in cbs)
 
 def _qkeys(p, st, lb) -> tuple|None:
     "The keys of `st` kept quantized by the low-bit wrapper `lb` (codes and block scales laid out as the kernels read them), or None"
@@ -164,7 +169,7 @@ class _Run:
     __slots__ = ('idx', 'st0')
     def __init__(self, idx, st0): self.idx,self.st0 = idx,st0
 
-# %% ../../nbs/10g_fused.engine.ipynb #23a054d0
+# %% ../../nbs/10g_fused.engine.ipynb #fa13aba9
 class _Cache:
     "What a bucket's parameters, gradients and state were checked to be at the last step: identities and data pointers"
     def __init__(self, states, keys, grads, gptrs, tensors):
@@ -352,6 +357,9 @@ class FusedEngine:
         "Trace, compile (once) and run the kernel for one run; False if its parameters must be stepped eagerly"
         p0 = b.p[0 if r.idx is None else r.idx[0]]
         lb = _low_bit(opt.cbs)
+        if lb is None and _keeps_own_state(opt.cbs):
+            self._fail("low-bit state (`LowBitState`) among other callbacks: the fused engine steps it as the chain's one callback (or inside `FP32Math`)")
+            return False
         ek,tk,_,qk = _state_keys(p0, r.st0, lb)
         st0,qkeys = r.st0,None
         if qk:   # the quantized state as fp32 values of the chain (the wrapper, traced, runs its chain; the kernel (de)quantizes)
