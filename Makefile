@@ -89,7 +89,7 @@ export: $(DEV_STAMP)
 # Step time of fastopt's optimizers (fused engine) vs torch's AdamW (fused/foreach/for-loop), torch-optimi, HeavyBall and
 # fastai's Adam, gradients kept and new every step, in interleaved rounds; writes the docs' tables and plots.
 bench: $(DEV_STAMP)
-	OMP_NUM_THREADS=2 $(PY) -m fastopt.bench --shapes resnet50 --opts adam,radam,qhadam,sgd,rmsprop,lamb,larc,adam_stats,lamb_stats --zoo --compile-times --memory --learner --md nbs/images/bench_resnet50.md --png nbs/images/bench_resnet50.png
+	OMP_NUM_THREADS=2 $(PY) -m fastopt.bench --shapes resnet50 --opts adam,radam,qhadam,sgd,rmsprop,lamb,larc,adam_stats,lamb_stats,adamw8bit,adamw4bit --zoo --compile-times --memory --learner --md nbs/images/bench_resnet50.md --png nbs/images/bench_resnet50.png
 	@# a GPT-like transformer's 100 tensors (27.8M parameters, one embedding matrix of 8.4M): few, large matrices
 	OMP_NUM_THREADS=2 $(PY) -m fastopt.bench --shapes gpt --opts adam,lamb,sgd,lion,adan --md nbs/images/bench_gpt.md --png nbs/images/bench_gpt.png
 	@# HeavyBall is left out of the 2,000 small tensors: its torch.compile warm-up on them takes many minutes

@@ -78,7 +78,7 @@ shape_sets = {
     'mlp': [(512, 784), (512,), (512, 512), (512,), (10, 512), (10,)],
 }
 
-# %% ../nbs/11_bench.ipynb #58895cc2
+# %% ../nbs/11_bench.ipynb #12e3efe8
 adamw_hypers = {'lr': 1e-3, 'betas': (0.9, 0.99), 'eps': 1e-5, 'weight_decay': 0.01}  # fastai's Adam defaults, for every AdamW
 
 def _optimi_adamw(ps):
@@ -113,6 +113,9 @@ fastopt_opts = {
     # with the optimizer statistics of `fastopt.optim_stats` recorded in the step
     'adam_stats': lambda ps: fastopt.with_stats(fastopt.Adam(ps, lr=1e-3, wd=0.01)),
     'lamb_stats': lambda ps: fastopt.with_stats(fastopt.Lamb(ps, lr=1e-3, wd=0.01)),
+    # AdamW with both moments blockwise-quantized (`fastopt.low_bit`): 8-bit codes in blocks of 256, 4-bit in blocks of 128
+    'adamw8bit': partial(fastopt.AdamW8bit, lr=1e-3, wd=0.01),
+    'adamw4bit': partial(fastopt.AdamW4bit, lr=1e-3, wd=0.01),
 }
 
 zoo_opts = {name: partial(f, lr=1e-3, wd=0.01) for name,f in [

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from fastcore.script import call_parse
 from .optimizer import Optimizer, _cb_defaults, _update, _chain_names, _all_cbs, accepts_torch_names
 from .adaptive import Adam
-from .fused.trace import Untraceable, _current
+from .fused.trace import _current
 
 # %% auto #0
 __all__ = ['unsigned_keys', 'code_map', 'quant_midpoints', 'quantize_blockwise', 'dequantize_blockwise', 'LowBitState',
@@ -184,7 +184,7 @@ class LowBitState:
         return new
 
     def __call__(self, p, **kwargs):
-        if _tracing(): raise Untraceable("low-bit state (`LowBitState`) is stepped by the eager engine until the fused engine quantizes")
+        if _tracing(): return self._chain(p, kwargs)   # the fused engine: its kernels dequantize and quantize (it gives the chain fp32 values)
         full = {}
         for k in self.quantized_keys(kwargs):
             codes,absmax = kwargs.pop(k + '_codes'),kwargs.pop(k + '_absmax')

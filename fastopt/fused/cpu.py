@@ -15,8 +15,8 @@ from .passes import Plan
 from .trace import Untraceable
 
 # %% auto #0
-__all__ = ['cpp_ops', 'CHUNK', 'cxx_flags', 'compiles', 'say_after', 'cpp_source', 'find_cxx', 'cache_dir', 'CompileError',
-           'build', 'CpuKernel', 'ulps']
+__all__ = ['cpp_ops', 'CHUNK', 'cxx_flags', 'compiles', 'say_after', 'cpp_source', 'quant_table', 'find_cxx', 'cache_dir',
+           'CompileError', 'build', 'CpuKernel', 'ulps']
 
 # %% ../../nbs/10e_fused.cpu.ipynb #232a6365
 _CT = {torch.float32: 'float', torch.float64: 'double', torch.bfloat16: 'float', torch.float16: 'float', torch.bool: 'bool'}
@@ -39,7 +39,7 @@ def _load(dt, ptr):
 def _store(dt, expr):
     return {torch.bfloat16: f"fo_to_bf16(static_cast<float>({expr}))", torch.float16: f"static_cast<_Float16>({expr})"}.get(dt, f"static_cast<{_MEM[dt]}>({expr})")
 
-# %% ../../nbs/10e_fused.cpu.ipynb #98025b64
+# %% ../../nbs/10e_fused.cpu.ipynb #7e0b45f7
 cpp_ops = {
     'add': '({0} + {1})', 'sub': '({0} - {1})', 'mul': '({0} * {1})', 'div': '({0} / {1})', 'fma': 'std::fma({0}, {1}, {2})',
     'neg': '(-{0})', 'abs': 'std::abs({0})', 'sqrt': 'std::sqrt({0})', 'rsqrt': '(T(1) / std::sqrt({0}))',
@@ -88,6 +88,34 @@ template <class T> static inline T fo_powscalar(T x, double e, T r) {
     if (e == 1) return x;
     if (e == 0) return T(1);
     return std::pow(x, r); }
+static inline void fo_map4(const float* __restrict map, const uint8_t* __restrict codes, float* __restrict out, int64_t nbytes) {
+    // out[2h], out[2h + 1] = map[low nibble], map[high nibble] of codes[h]: with GCC, 16 bytes at a time by register permutes
+    int64_t h = 0;
+#if defined(__GNUC__) && !defined(__clang__)
+    typedef float v16f __attribute__((vector_size(64)));
+    typedef int32_t v16i __attribute__((vector_size(64)));
+    typedef uint8_t v16b __attribute__((vector_size(16)));
+    v16f tbl; std::memcpy(&tbl, map, 64);
+    const v16i lo_half = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23}, hi_half = lo_half + 8;
+    for (; h + 16 <= nbytes; h += 16) {
+        v16b b; std::memcpy(&b, codes + h, 16);
+        const v16i c = __builtin_convertvector(b, v16i);
+        const v16f lo = __builtin_shuffle(tbl, c & 15), hi = __builtin_shuffle(tbl, c >> 4);
+        const v16f a = __builtin_shuffle(lo, hi, lo_half), d = __builtin_shuffle(lo, hi, hi_half);
+        std::memcpy(out + 2 * h, &a, 64); std::memcpy(out + 2 * h + 16, &d, 64);
+    }
+#endif
+    for (; h < nbytes; h++) { out[2 * h] = map[codes[h] & 15]; out[2 * h + 1] = map[codes[h] >> 4]; } }
+static inline int32_t fo_code(const int32_t* __restrict lut, int32_t sh, int32_t base, int32_t top, int32_t mx, float x) {
+    // how many of a map's sorted midpoints are below x (all of them for a nan, as torch.searchsorted): see `quant_table`
+    uint32_t u; std::memcpy(&u, &x, 4);
+    const uint32_t mag = u & 0x7FFFFFFFu;
+    int32_t e = (int32_t)(mag >> sh) - base;
+    e = e < 0 ? 0 : (e > top ? top : e);
+    const int32_t s = (int32_t)(u >> 31), t = lut[s * (top + 1) + e];
+    const int32_t xl = (int32_t)(mag & ((1u << sh) - 1u)), ml = t >> 9;   // the low mantissa bits of x and of the cell's midpoint
+    const int32_t above = s ? (ml > xl ? 1 : 0) : (ml < xl ? 1 : 0);
+    return x != x ? mx : (t & 255) + ((t >> 8) & above); }
 '''
 
 # %% ../../nbs/10e_fused.cpu.ipynb #fe9d3028
@@ -123,13 +151,22 @@ def _statement(op, names) -> str:
     if op.name in ('eq', 'ne', 'lt', 'le', 'gt', 'ge', 'and', 'or', 'xor', 'not'): return f"const bool v{op.out} = {expr};"
     return f"const {_ct(op.dtype)} v{op.out} = {_rounded(expr, op.dtype, op.ctype)};"
 
-# %% ../../nbs/10e_fused.cpu.ipynb #7081fa5d
+# %% ../../nbs/10e_fused.cpu.ipynb #ea44a2b4
 CHUNK = 2048  # elements a reduction adds up before its sum is stored: fixed, so the result does not depend on the threads
 
 def _acc_type(r, types) -> str:
     "A chunk's accumulator: the summed value's own C type (a chunk is short, and its vector lanes add up in parallel); fp64 across chunks"
     a = r.args[0]
     return _ct(types[a.id][1]) if isinstance(a, Ref) and types[a.id][1] != torch.bool else 'double'
+
+def _block_size(quant) -> int|None:
+    "The one block size of a plan's quantized state (None without any), if the kernels take it"
+    if not quant: return None
+    if len({q[1] for q in quant.values()}) != 1: raise Untraceable("quantized state with two block sizes in one chain")
+    bits,B = next(iter(quant.values()))
+    if any(q[0] not in (4, 8) for q in quant.values()): raise Untraceable("quantized state of other than 8 or 4 bits")
+    if B < 2 or CHUNK % B: raise Untraceable(f"quantization blocks of {B} elements (the C++ kernel takes divisors of {CHUNK} from 2)")
+    return B
 
 def cpp_source(plan:Plan) -> str:
     "The C++ source of `plan` as `fo_step` (see above)"
@@ -148,21 +185,54 @@ def cpp_source(plan:Plan) -> str:
     got = lambda rs: [f"const double v{r.out} = red[(i - t0) * {max(nred, 1)} + {slot[r.out]}];" for r in rs]
     p1 = plan.passes[0] if len(plan.passes) == 2 else None
     last = plan.passes[-1]
+    quant = {b: x.quant for b,x in enumerate(plan.buffers) if x.role == 'qstate'}   # its block scales and map: buffers b+1, b+2
+    QB = _block_size(quant)
     between = got(p1.reduce if p1 else ()) + [_statement(o, names) for o in plan.between]
     after = got(last.reduce) + [_statement(o, names) for o in plan.after]
     def ptrs(ps):
         used = sorted({b for v,b in ps.loads} | {b for b,v in ps.stores})
-        return [f"{'' if any(b == s for s,_ in ps.stores) else 'const '}{_MEM[plan.buffers[b].dtype]}* __restrict P{b} = "
-                f"reinterpret_cast<{_MEM[plan.buffers[b].dtype]}*>(bufs[{b}][i]);" for b in used]
+        res = []
+        for b in used:
+            c = '' if any(b == s for s,_ in ps.stores) else 'const '
+            if b in quant: res += [f"{c}uint8_t* __restrict P{b} = reinterpret_cast<{c}uint8_t*>(bufs[{b}][i]);",
+                                   f"{c}float* __restrict A{b} = reinterpret_cast<{c}float*>(bufs[{b + 1}][i]);",
+                                   f"const float* __restrict M{b} = reinterpret_cast<const float*>(bufs[{b + 2}][i]);"]
+            else: res.append(f"{c}{_MEM[plan.buffers[b].dtype]}* __restrict P{b} = reinterpret_cast<{_MEM[plan.buffers[b].dtype]}*>(bufs[{b}][i]);")
+        return res
+    def qload(b):
+        "A quantized value: its code's entry of the map times its block's scale (`a{b}`, read before the block's loop)"
+        return f"M{b}[P{b}[j]] * a{b}" if quant[b][0] == 8 else f"w{b}[j - bs] * a{b}"   # 4-bit: the block's map values looked up first
     def body(ps):
-        lines = [f"const {_ct(types[v][1])} v{v} = {_load(plan.buffers[b].dtype, f'P{b}[j]')};" for v,b in ps.loads]
+        lines = [f"const float v{v} = {qload(b)};" if b in quant else
+                 f"const {_ct(types[v][1])} v{v} = {_load(plan.buffers[b].dtype, f'P{b}[j]')};" for v,b in ps.loads]
         lines += [_statement(o, names) for o in ps.ops]
         for r in ps.reduce:   # sums in fp64; a max skips nans and counts them (a nan makes the result nan)
             k = slot[r.out]
             x = names(r.args[0], _acc_type(r, types))
             lines += [f"a{k} += {x};"] if r.name == 'rsum' else [f"a{k} = {x} > a{k} ? {x} : a{k};", f"c{k} += {x} != {x};"]
-        lines += [f"P{b}[j] = {_store(plan.buffers[b].dtype, f'v{v}')};" for b,v in ps.stores]
+        lines += [f"P{b}[j] = {_store(plan.buffers[b].dtype, f'v{v}')};" for b,v in ps.stores if b not in quant]
+        for b,v in ps.stores:   # quantized state: the block's new values kept for its codes, their largest magnitude
+            if b in quant: lines += [f"q{b}[j - bs] = static_cast<float>(v{v});",
+                                     f"{{ const float x = std::abs(q{b}[j - bs]); m{b} = x > m{b} ? x : m{b}; n{b} |= x != x; }}"]
         return lines
+    def quantize(b):
+        "The block's new scale, then its codes: the number of the map's midpoints below each value over the scale"
+        bits,h = quant[b][0],f"(1 << {quant[b][0]})"
+        code = lambda j: f"fo_code(L{b}, sh, base, top, mx, q{b}[{j}] / sc)"
+        lines = ["const float am = n{0} ? std::numeric_limits<float>::quiet_NaN() : m{0};".format(b), f"A{b}[bi] = am;",
+                 "const float sc = am > 0.f ? am : 1.f;   // a block of zeros (or with a nan) is divided by 1, as `quantize_blockwise` does",
+                 f"const int32_t* __restrict H{b} = reinterpret_cast<const int32_t*>(M{b} + 2 * {h});",
+                 f"const int32_t sh = H{b}[0], base = H{b}[1], top = H{b}[2], mx = H{b}[3]; const int32_t* __restrict L{b} = H{b} + 4;",
+                 "#pragma omp simd"]
+        if bits == 8: lines += [f"for (int64_t j = 0; j < be - bs; j++) P{b}[bs + j] = static_cast<uint8_t>({code('j')});"]
+        else: lines[-1:] = [f"uint8_t c{b}[{QB} + 1]; c{b}[be - bs] = 0;   // the last byte of an odd count: high nibble 0", "#pragma omp simd",
+                            f"for (int64_t j = 0; j < be - bs; j++) c{b}[j] = static_cast<uint8_t>({code('j')});",
+                        "#pragma omp simd",
+                        f"for (int64_t h = 0; h < (be - bs + 1) >> 1; h++) P{b}[(bs >> 1) + h] = static_cast<uint8_t>(c{b}[2 * h] | (c{b}[2 * h + 1] << 4));"]
+        return ['{', *ind(lines, 4), '}']
+    def unpack(b):
+        "A block's 4-bit codes as their map values (the element loop multiplies them by the block's scale)"
+        return [f"float w{b}[{QB} + 32];", f"fo_map4(M{b}, P{b} + (bs >> 1), w{b}, (be - bs + 1) >> 1);"]
     t_stores = [f"reinterpret_cast<{_MEM[plan.buffers[b].dtype]}*>(bufs[{b}][i])[0] = {_store(plan.buffers[b].dtype, f'v{v}')};"
                 for b,v in plan.tensor_stores]
     head = [_PRELUDE, 'extern "C" void fo_step(int64_t n, const int64_t* const* bufs, const int64_t* numel, const double* scal,',
@@ -170,7 +240,7 @@ def cpp_source(plan:Plan) -> str:
             '    std::vector<int64_t> off(n + 1, 0);', '    for (int64_t i = 0; i < n; i++) off[i + 1] = off[i] + numel[i];',
             '    const int64_t N = off[n];', '    if (N == 0) return;',
             '    const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, N / 32768));']
-    if not reds:
+    if not reds and not quant:
         src = head + [
             '    #pragma omp parallel num_threads(nt)', '    {',
             '    const int64_t T = omp_get_num_threads(), t = omp_get_thread_num();',
@@ -192,6 +262,20 @@ def cpp_source(plan:Plan) -> str:
                            [f"reduction(max:a{slot[r.out]}) reduction(+:c{slot[r.out]})" for r in ps.reduce if r.name == 'rmax'])
         keep = [f"part[c * NR + {slot[r.out]}] = " + (f"a{slot[r.out]};" if r.name == 'rsum' else
                 f"c{slot[r.out]} ? std::numeric_limits<double>::quiet_NaN() : a{slot[r.out]};") for r in ps.reduce]
+        if quant:   # block by block: dequantize the old state, run the chain, quantize the new state (a block is a divisor of a chunk)
+            qs = [b for b,_ in ps.stores if b in quant]
+            clauses = ' '.join([clauses] + [f"reduction(max:m{b}) reduction(|:n{b})" for b in qs])
+            return ['        for (int64_t c = lo; c < hi; c++) {',
+                    '            const int64_t i = ct[c], s = (c + c0 - coff[i]) * CH, e = std::min(s + CH, numel[i]);',
+                    *ind(tensor_in + pre + known + ptrs(ps) + acc, 12),
+                    f'            for (int64_t bs = s; bs < e; bs += {QB}) {{',
+                    f'                const int64_t be = std::min<int64_t>(bs + {QB}, e), bi = bs / {QB};',
+                    *ind([f"const float a{b} = A{b}[bi];" for _,b in ps.loads if b in quant], 16),
+                    *ind([l for _,b in ps.loads if b in quant and quant[b][0] == 4 for l in unpack(b)], 16),
+                    *ind([f"float q{b}[{QB}]; float m{b} = 0; int32_t n{b} = 0;" for b in qs], 16),
+                    f'                #pragma omp simd {clauses}', '                for (int64_t j = bs; j < be; j++) {', *ind(body(ps), 20), '                }',
+                    *ind([l for b in qs for l in quantize(b)], 16),
+                    '            }', *ind(keep, 12), '        }']
         return ['        for (int64_t c = lo; c < hi; c++) {',
                 '            const int64_t i = ct[c], s = (c + c0 - coff[i]) * CH, e = std::min(s + CH, numel[i]);',
                 *ind(tensor_in + pre + known + ptrs(ps) + acc, 12),
@@ -233,7 +317,33 @@ def cpp_source(plan:Plan) -> str:
         '    }', '    }', '}', '']
     return '\n'.join(src)
 
-# %% ../../nbs/10e_fused.cpu.ipynb #727f35b8
+# %% ../../nbs/10e_fused.cpu.ipynb #8b394bdd
+def quant_table(qmap:torch.Tensor) -> torch.Tensor:
+    """What a kernel reads to dequantize and quantize with the code map `qmap` (2**bits sorted fp32 values): the map, its
+    midpoints (and `inf`), then as int32: the shift and offset of the cell index, the last cell, 2**bits-1, and the cells
+    (the midpoints below the cell, whether one is in it, and that one's low mantissa bits)"""
+    qmap = qmap.detach().float().cpu().contiguous()
+    M = qmap.numel() - 1
+    mids = (qmap[:-1] + qmap[1:]) * 0.5   # as `fastopt.low_bit.quant_midpoints`, in fp32
+    md,ub = mids.double(),mids.view(torch.int32).long() & 0xFFFFFFFF
+    for R in (24, 32, 40, 48, 64, 96, 125):   # exponents below 1 with cells of their own: smaller magnitudes share the first cell
+        for m in range(3, 10):   # mantissa bits of the cell index (8-bit dynamic maps: 6 or 7, 4-bit: 3)
+            top,base,sh = R << m,(127 - R) << m,23 - m
+            cell = (ub >> 31) * (top + 1) + (((ub & 0x7FFFFFFF) >> sh) - base).clamp(0, top)   # each midpoint's cell, as the kernel finds it
+            n = torch.bincount(cell, minlength=2 * (top + 1))
+            if n.max() > 1 or n[[0, top, top + 1, 2 * top + 1]].any(): continue   # one midpoint a cell at most, none in the shared ones
+            e = torch.arange(top + 2, dtype=torch.int64)
+            lo = ((e + base) << sh).to(torch.int32).view(torch.float32).double()   # each cell's smallest magnitude
+            lo[0],lo[top],lo[top + 1] = 0., 1., math.inf
+            lo,hi = lo[:-1],lo[1:]
+            below = torch.cat([torch.searchsorted(md, lo), torch.searchsorted(md, -hi, right=True)])   # midpoints below any value of the cell
+            low = torch.zeros_like(n); low[cell] = ub & ((1 << sh) - 1)
+            cells = below | (n << 8) | (low << 9)
+            head = torch.tensor([sh, base, top, M], dtype=torch.int32)
+            return torch.cat([qmap, mids, torch.tensor([math.inf]), torch.cat([head, cells.to(torch.int32)]).view(torch.float32)])
+    raise Untraceable(f"a code map of {M + 1} values the C++ kernels cannot index (midpoints too close together)")
+
+# %% ../../nbs/10e_fused.cpu.ipynb #8a24bde5
 cxx_flags = ['-O3', '-march=native', '-fopenmp', '-fno-math-errno', '-fno-trapping-math', '-ffp-contract=off', '-fPIC',
              '-shared', '-std=c++17', '-w']
 
@@ -294,7 +404,7 @@ def build(source:str, what:str='a callback chain') -> Path:
         finally: timer.cancel()
     return out
 
-# %% ../../nbs/10e_fused.cpu.ipynb #b64562b8
+# %% ../../nbs/10e_fused.cpu.ipynb #53973c7d
 class CpuKernel:
     "A compiled `Plan` for CPU tensors: `kernel(tables, numel, scalars)` steps every tensor of the tables in place"
     device = 'cpu'
@@ -318,7 +428,7 @@ class CpuKernel:
         self.fn(n, bufs.buffer_info()[0], numel.buffer_info()[0], scal.buffer_info()[0],
                 nthreads or torch.get_num_threads(), self.group_elems)
 
-# %% ../../nbs/10e_fused.cpu.ipynb #3ad7cf31
+# %% ../../nbs/10e_fused.cpu.ipynb #9a0e9790
 _digits = {torch.float32: (24, -125), torch.float64: (53, -1021), torch.bfloat16: (8, -125), torch.float16: (11, -13)}
 
 def ulps(a:torch.Tensor, b:torch.Tensor, scale=None) -> torch.Tensor:

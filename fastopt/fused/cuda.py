@@ -128,7 +128,7 @@ def fo_fmod(a, b): return a - fo_trunc(fo_div(a, b)) * b
 def fo_hypot(a, b): return fo_sqrt(a * a + b * b)
 '''
 
-# %% ../../nbs/10f_fused.cuda.ipynb #aa12966a
+# %% ../../nbs/10f_fused.cuda.ipynb #cce17704
 class _Src:
     "Python (Triton) expressions for the values of a plan"
     def __init__(self, plan): self.types = plan.graph.types()
@@ -171,13 +171,24 @@ def _add_partials(reduce, slot, nred):
         lines += [f"r{k} = {at(0)}", "for j in range(1, G):", f"    r{k} = {step}", f"tl.store(red + t * {nred} + {k}, r{k})"]
     return lines
 
+def _qblock(quant) -> int|None:
+    "The one block size of a plan's quantized state (None without any), if the Triton kernels take it: a divisor of `BLOCK`"
+    if not quant: return None
+    if len({q[1] for q in quant.values()}) != 1: raise Untraceable("quantized state with two block sizes in one chain")
+    B = next(iter(quant.values()))[1]
+    if any(q[0] not in (4, 8) for q in quant.values()): raise Untraceable("quantized state of other than 8 or 4 bits")
+    if B < 2 or BLOCK % B: raise Untraceable(f"quantization blocks of {B} elements (the Triton kernels take divisors of {BLOCK} from 2)")
+    return B
+
 def triton_source(plan:Plan) -> str:
     "The source of the plan's Triton kernels: `fo_one` (no reductions), or `fo_pass1` and `fo_between` (where the update needs reductions), then `fo_last`; `fo_tstore` writes the per-tensor state"
     src = _Src(plan)
     types = plan.graph.types()
     nb = len(plan.buffers)
     tabs = ', '.join(f"T{b}" for b in range(nb))
-    ptr = lambda b: f"tl.load(T{b} + t).to(tl.pointer_type({_MEMTL[plan.buffers[b].dtype]}))"
+    quant = {b: x.quant for b,x in enumerate(plan.buffers) if x.role == 'qstate'}   # codes; block scales and map: b+1, b+2
+    QB = _qblock(quant)
+    ptr = lambda b, ty=None: f"tl.load(T{b} + t).to(tl.pointer_type({ty or ('tl.uint8' if b in quant else _MEMTL[plan.buffers[b].dtype])}))"
     ind = lambda lines, k: [' '*k + l for l in lines]
     numel_ids = [i.id for i in plan.graph.inputs if i.role == 'numel']
     tensor_in = [f"v{v} = n.to(tl.float64)" for v in numel_ids]
@@ -192,21 +203,50 @@ def triton_source(plan:Plan) -> str:
     between = got(p1.reduce if p1 else ()) + [src.stmt(o) for o in plan.between]
     after = got(last.reduce) + [src.stmt(o) for o in plan.after]
     t_stores = [f"tl.store({ptr(b)}, {_mem(f'v{v}', plan.buffers[b].dtype)})" for b,v in plan.tensor_stores]
+    def qload(v, b):
+        "A quantized value: its code's map entry times its block's scale"
+        c = (f"tl.load(P{b} + offs, mask=m, other=0).to(tl.int32)" if quant[b][0] == 8 else
+             f"((tl.load(P{b} + offs // 2, mask=m, other=0).to(tl.int32) >> ((offs % 2) * 4)) & 15)")
+        return [f"v{v} = tl.load(M{b} + {c}, mask=m, other=0.0) * tl.load(A{b} + offs // {QB}, mask=m, other=0.0)"]
+    def qstore(b, v):
+        "The tile's blocks: their largest magnitudes (nan if a value is), then each value's code (see `cpu.quant_table`)"
+        nb,h = f"(BLOCK // {QB})",1 << quant[b][0]
+        lines = [f"x = tl.where(m, v{v}.to(tl.float32), 0.0)",
+                 f"am = tl.max(tl.reshape(tl.abs(x), ({nb}, {QB})), axis=1)",
+                 f"am = tl.where(tl.max(tl.reshape((x != x).to(tl.int32), ({nb}, {QB})), axis=1) > 0, float('nan'), am)",
+                 f"bo = start + tl.arange(0, {nb}) * {QB}",
+                 f"tl.store(A{b} + bo // {QB}, am, mask=bo < n)",
+                 f"sc = tl.reshape(tl.broadcast_to(tl.where(am > 0, am, 1.0)[:, None], ({nb}, {QB})), (BLOCK,))",
+                 "xn = tl.div_rn(x, sc)",
+                 "u = xn.to(tl.uint32, bitcast=True)", "mag = u & 0x7FFFFFFF", "sg = (u >> 31).to(tl.int32)",
+                 f"e = tl.minimum(tl.maximum((mag >> tl.load(H{b}).to(tl.uint32)).to(tl.int32) - tl.load(H{b} + 1), 0), tl.load(H{b} + 2))",
+                 f"tc = tl.load(H{b} + 4 + sg * (tl.load(H{b} + 2) + 1) + e, mask=m, other=0)",
+                 f"xl = (mag & ((tl.full([BLOCK], 1, tl.uint32) << tl.load(H{b}).to(tl.uint32)) - 1)).to(tl.int32)",
+                 "above = tl.where(sg == 1, (tc >> 9) > xl, (tc >> 9) < xl).to(tl.int32)",
+                 f"code = tl.where(xn != xn, {h - 1}, (tc & 255) + ((tc >> 8) & above))"]
+        if quant[b][0] == 8: lines.append(f"tl.store(P{b} + offs, code.to(tl.uint8), mask=m)")
+        else: lines += ["lo, hi = tl.split(tl.reshape(tl.where(m, code, 0), (BLOCK // 2, 2)))",
+                        "o2 = start // 2 + tl.arange(0, BLOCK // 2)",
+                        f"tl.store(P{b} + o2, (lo | (hi << 4)).to(tl.uint8), mask=o2 < (n + 1) // 2)"]
+        return lines
     def loop(ps):
         lines = ["for start in range(q * BLOCK, n, G * BLOCK):", "    offs = start + tl.arange(0, BLOCK)", "    m = offs < n"]
-        body = [f"v{v} = tl.load(P{b} + offs, mask=m, other=0).to({_tl(types[v][1])})" for v,b in ps.loads]
+        body = [l for v,b in ps.loads for l in (qload(v, b) if b in quant else [f"v{v} = tl.load(P{b} + offs, mask=m, other=0).to({_tl(types[v][1])})"])]
         body += [src.stmt(o) for o in ps.ops]
         for r in ps.reduce:
             k,x = slot[r.out], src.arg(r.args[0], 'tl.float64')
             body.append(f"a{k} += tl.where(m, {x}, 0.0)" if r.name == 'rsum' else f"a{k} = fo_max(a{k}, tl.where(m, {x}, -float('inf')))")
         body += [f"tl.store(P{b} + offs, {_mem(f'v{v}' if types[v][0] == ELEM else f'tl.where(m, v{v}, v{v})', plan.buffers[b].dtype)}, mask=m)"
-                 for b,v in ps.stores]   # a per-tensor value stored per element: broadcast by the mask
+                 for b,v in ps.stores if b not in quant]   # a per-tensor value stored per element: broadcast by the mask
+        body += [l for b,v in ps.stores if b in quant for l in qstore(b, v)]
         return lines + ind(body, 4)
     def acc(ps): return [f"a{slot[r.out]} = tl.zeros([BLOCK], tl.float64)" if r.name == 'rsum' else
                          f"a{slot[r.out]} = tl.full([BLOCK], -float('inf'), tl.float64)" for r in ps.reduce]
     def keep(ps): return [f"tl.store(part + (t * G + q) * {nred} + {slot[r.out]}, tl.{'sum' if r.name == 'rsum' else 'max'}(a{slot[r.out]}, axis=0))"
                           for r in ps.reduce]
-    def ptrs(ps): return [f"P{b} = {ptr(b)}" for b in sorted({b for _,b in ps.loads} | {b for b,_ in ps.stores})]
+    def ptrs(ps): return [l for b in sorted({b for _,b in ps.loads} | {b for b,_ in ps.stores}) for l in
+                          ([f"P{b} = {ptr(b)}"] + ([f"A{b} = {ptr(b + 1)}", f"M{b} = {ptr(b + 2)}",
+                                                    f"H{b} = (M{b} + {2 << quant[b][0]}).to(tl.pointer_type(tl.int32))"] if b in quant else []))]
     head = ["    t = tl.program_id(0)", "    q = tl.program_id(1)", "    n = tl.load(numel + t)"]
     out = ["import triton", "import triton.language as tl"]
     out += ["from triton.language.extra import libdevice"] if not _interpreting() else []

@@ -52,7 +52,7 @@ def _why_not(p):
     if not _dense(p): return "a parameter with gaps in memory (a strided view)"
     return None
 
-# %% ../../nbs/10g_fused.engine.ipynb #e64c8981
+# %% ../../nbs/10g_fused.engine.ipynb #3903e7dd
 class _Bucket:
     "The parameters of one group with one device, dtype and tensor type that the kernels step, and what they were checked to be"
     def __init__(self, params, sharded):
@@ -78,20 +78,61 @@ class _Bucket:
         laid = all(map(Tensor.is_contiguous, grads)) if self.contiguous else list(map(Tensor.stride, grads)) == self.strides
         return laid and set(map(_dtype_of, grads)) == {self.dtype}
 
-def _state_keys(p, st):
-    "`(per-element keys, per-tensor keys, python keys)` of a parameter's state, or None if a kernel cannot read it"
+def _low_bit(cbs):
+    """The wrapper in a chain that keeps some state quantized (`fastopt.low_bit.LowBitState`), else None: the chain's one
+    callback, or the one callback of a wrapper's chain (`fp32_math(low_bit(...))`), with `state_format` set and `cbs`
+    (the chain it runs), `bits`, `block_size` and `qmap(key)` (the code map of a key). Traced, it runs its chain as is:
+    the kernels dequantize and quantize"""
+    if len(cbs) != 1: return None
+    w = cbs[0]
+    if getattr(w, 'state_format', False) and all(hasattr(w, a) for a in ('cbs', 'bits', 'block_size', 'qmap')): return w
+    return _low_bit(w.cbs) if getattr(type(w), 'pure_chain', False) and isinstance(getattr(w, 'cbs', None), list) else None
+
+def _keeps_own_state(cbs) -> bool:
+    "True if a callback of the chain, or of a wrapper's chain, keeps its state in its own format (`state_format`)"
+    return any(getattr(cb, 'state_format', False) or getattr(type(cb), 'pure_chain', False) and isinstance(getattr(cb, 'cbs', None), list)
+               and _keeps_own_state(cb.cbs) for cb in cbs)
+
+def _qkeys(p, st, lb) -> tuple|None:
+    "The keys of `st` kept quantized by the low-bit wrapper `lb` (codes and block scales laid out as the kernels read them), or None"
+    qk = []
+    for name,v in st.items():
+        if not name.endswith('_codes') or not isinstance(v, Tensor): continue
+        k = name[:-len('_codes')]
+        a = st.get(k + '_absmax')
+        if lb is None or k in st or not isinstance(a, Tensor): return None
+        n,B = p.numel(),lb.block_size
+        if type(v) is not Tensor or type(a) is not Tensor or v.dtype != torch.uint8 or a.dtype != torch.float32: return None
+        if v.device != p.device or a.device != p.device or not (v.is_contiguous() and a.is_contiguous()): return None
+        if v.shape != ((n if lb.bits == 8 else (n + 1) // 2),) or a.shape != ((n + B - 1) // B,): return None
+        qk.append(k)
+    return tuple(qk)
+
+def _qnames(qk) -> tuple:
+    "The state names of quantized keys `qk`: their codes and block scales"
+    return tuple(k + s for k in qk for s in ('_codes', '_absmax'))
+
+def _state_keys(p, st, lb=None):
+    """`(per-element keys, per-tensor keys, python keys, quantized keys)` of a parameter's state, or None if a kernel
+    cannot read it; `lb`: the chain's low-bit wrapper, if any"""
     ek,tk,pk = [],[],[]
+    qk = _qkeys(p, st, lb) if lb is not None else ()
+    if qk is None: return None
+    skip = _qnames(qk)
     for k,v in st.items():
+        if k in skip: continue
         if isinstance(v, Tensor):
             v = _local(v)
             if v.layout != torch.strided or v.device != p.device or v.dtype not in _dtypes + (torch.bool,): return None
-            if v.shape == p.shape and v.stride() == p.stride(): ek.append(k)
+            if v.shape == p.shape and v.stride() == p.stride():
+                if lb is not None and getattr(lb, 'quantizes', None) is not None and lb.quantizes(p, k, v): return None   # the wrapper quantizes it at this step: eager
+                ek.append(k)
             elif v.dim() == 0 and p.dim() > 0: tk.append(k)
             else: return None
         else: pk.append(k)
-    return tuple(ek), tuple(tk), tuple(pk)
+    return tuple(ek), tuple(tk), tuple(pk), qk
 
-# %% ../../nbs/10g_fused.engine.ipynb #ce9e1db0
+# %% ../../nbs/10g_fused.engine.ipynb #d30abd9e
 _kernels = {}  # (graph, device type) -> kernel, or the exception that stopped it; shared by every optimizer
 _klock = threading.Lock()
 
@@ -112,10 +153,16 @@ def kernel_for(graph, device_type:str, what='a callback chain'):
                     else:
                         from fastopt.fused import cuda
                         k = cuda.CudaKernel(pl, what)
+                    k.retypes = _retypes(graph)
                 except Exception as e: k = e
                 _kernels[key] = k
     if isinstance(k, Exception): raise k
     return k
+
+def _retypes(graph) -> bool:
+    "True if the chain replaces a state tensor by one of another dtype (the kernel would round into the old one): eager steps then"
+    ins,types = {(i.role, i.key): i.dtype for i in graph.inputs},graph.types()
+    return any(o.role == 'state' and (o.role, o.key) in ins and types[o.id][1] != ins[(o.role, o.key)] for o in graph.outputs)
 
 class _Run:
     "Parameters stepped by one kernel call: their indices in the bucket, one state dict as example"
@@ -151,6 +198,7 @@ class FusedEngine:
         self.failed = None   # why this optimizer's chain cannot be fused, once known: it then steps eagerly
         self.stepped = {'fused': 0, 'eager': 0}   # parameter-steps taken by the kernels and by the eager callbacks
         self._said = set()
+        self._qmaps = {}   # (wrapper, key, device) -> its code map and midpoints, for the kernels of quantized state
 
     def __reduce__(self): return (type(self), ())  # a copy (`deepcopy`, pickle) starts afresh
 
@@ -203,12 +251,14 @@ class FusedEngine:
             if end is not None and s < end[0]: why[pid] = why[end[1]] = "parameters that share memory"
             if end is None or e > end[0]: end = (e, pid)
         buckets,loose = [],[]
+        lb = _low_bit(opt.cbs)
+        small = (lambda p: p.numel() < getattr(lb, 'min_size', 0)) if lb is not None else (lambda p: False)   # full-precision state: a bucket of their own
         for g in opt.param_groups:
             by,lo = defaultdict(list),[]
             for p in g['params']:
-                if why[id(p)] is None: by[(_local(p).device, p.dtype, _is_dtensor(p))].append(p)
+                if why[id(p)] is None: by[(_local(p).device, p.dtype, _is_dtensor(p), small(p))].append(p)
                 else: lo.append(p)
-            buckets.append([_Bucket(ps, sharded) for (_,_,sharded),ps in by.items()])
+            buckets.append([_Bucket(ps, sharded) for (_,_,sharded,_),ps in by.items()])
             loose.append(lo)
         reasons = defaultdict(int)
         for w in why.values():
@@ -223,7 +273,7 @@ class FusedEngine:
         if b.sharded: grads = [None if g is None else _local(g) for g in grads]
         runs = self._unchanged(b, grads, states)
         eager = []
-        if runs is None: runs,eager = self._check(b, grads, states)
+        if runs is None: runs,eager = self._check(b, grads, states, _low_bit(opt.cbs))
         for r in runs:
             if self.failed is not None or not self._run(opt, b, r, hyper, grads, states):
                 eager += [b.params[i] for i in (range(len(b.params)) if r.idx is None else r.idx)]
@@ -254,18 +304,18 @@ class FusedEngine:
         except TypeError: return None
         return [_Run(idx, states[idx[0]]) for idx in runs.values()]
 
-    def _check(self, b, grads, states):
+    def _check(self, b, grads, states, lb=None):
         "Check every parameter: the runs to step fused, and the parameters to step eagerly; caches what it checked"
         eager,runs,keys,ptrs = [],defaultdict(list),{},defaultdict(list)
         for i,(p,g,st) in enumerate(zip(b.p, grads, states)):
             if g is None: continue
-            k = _state_keys(p, st) if st is not None else None
+            k = _state_keys(p, st, lb) if st is not None else None
             if k is None or g.dtype != p.dtype or g.layout != torch.strided or g.device != p.device or g.stride() != p.stride():
                 eager.append(i); continue
-            ek,tk,pk = keys[i] = k
-            tens = [_local(st[x]) for x in ek + tk]
+            ek,tk,pk,qk = keys[i] = k
+            tens = [_local(st[x]) for x in ek + tk + _qnames(qk)]
             for t in [p, g] + tens: ptrs[t.data_ptr()].append(i)
-            try: sig = (ek, tk, tuple(t.dtype for t in tens), pk, tuple(st[x] for x in pk)); hash(sig)
+            try: sig = (ek, tk, qk, tuple(t.dtype for t in tens), pk, tuple(st[x] for x in pk)); hash(sig)
             except TypeError: eager.append(i); continue
             runs[sig].append(i)
         shared = {i for ids in ptrs.values() if len(ids) > 1 for i in ids}   # tensors that share memory: eager
@@ -273,34 +323,60 @@ class FusedEngine:
         eager += sorted(shared)
         runs = {s: idx for s,idx in runs.items() if idx}
         b.cache = None
-        structs = {s[:4] for s in runs}
+        structs = {s[:5] for s in runs}
         if len(structs) == 1 and not eager and all(g is not None for g in grads):
-            ek,tk,_,pk = next(iter(structs))
-            tensors = {x: [_local(st[x]) for st in states] for x in ek + tk}
-            b.cache = _Cache(states, (ek, tk, pk), grads, array('q', map(Tensor.data_ptr, grads)), tensors)
+            ek,tk,qk,_,pk = next(iter(structs))
+            tensors = {x: [_local(st[x]) for st in states] for x in ek + tk + _qnames(qk)}
+            b.cache = _Cache(states, (ek, tk, pk, qk), grads, array('q', map(Tensor.data_ptr, grads)), tensors)
             if len(runs) == 1: return [_Run(None, states[0])], []
         return [_Run(idx, states[idx[0]]) for idx in runs.values()], [b.params[i] for i in eager]
 
-    def _tables(self, b, kern, r, grads, states, ek, tk):
+    def _tables(self, b, kern, r, grads, states, ek, tk, qk=(), lb=None):
         "One array of data pointers per buffer of the kernel, for the run's parameters (None if a buffer is missing)"
         c,idx,tables = b.cache,r.idx,[]
+        n = len(b.params) if idx is None else len(idx)
         for buf in kern.plan.buffers:
             if buf.role == 'state' and buf.key not in (ek if buf.kind == 'elem' else tk): return None   # a key the step creates: eager this step
+            if buf.role in ('qstate', 'qabsmax', 'qmap') and buf.key not in qk: return None
+            if buf.role == 'qmap':   # the code map and its midpoints: one small table, the same for every tensor
+                tables.append(array('q', [self._qmap(lb, buf.key, b.device).data_ptr()]) * n); continue
+            key = buf.key + '_codes' if buf.role == 'qstate' else buf.key + '_absmax' if buf.role == 'qabsmax' else buf.key
             if c is not None:   # checked pointers, all parameters
-                ptrs = b.parr if buf.role == 'param' else c.gptrs if buf.role == 'grad' else c.arrays[buf.key]
+                ptrs = b.parr if buf.role == 'param' else c.gptrs if buf.role == 'grad' else c.arrays[key]
                 tables.append(ptrs if idx is None else array('q', [ptrs[i] for i in idx]))
             else:
                 ids = range(len(b.params)) if idx is None else idx
                 if buf.role == 'param': tables.append(array('q', [b.parr[i] for i in ids]))
                 elif buf.role == 'grad': tables.append(array('q', [grads[i].data_ptr() for i in ids]))
-                else: tables.append(array('q', [_local(states[i][buf.key]).data_ptr() for i in ids]))
+                else: tables.append(array('q', [_local(states[i][key]).data_ptr() for i in ids]))
         return tables
+
+    def _qmap(self, lb, key, device) -> Tensor:
+        "The table the kernels read for quantized state `key` (`cpu.quant_table`: its code map, midpoints, a code index), kept per wrapper"
+        k = (id(lb), key, device)
+        t = self._qmaps.get(k)
+        if t is None or t[0] is not lb:
+            m = lb.qmap(key)
+            if m.shape != (1 << lb.bits,): raise ValueError(f"the code map of {key!r} has {m.numel()} values, not {1 << lb.bits}")
+            t = self._qmaps[k] = (lb, cpu.quant_table(m).to(device))
+        return t[1]
 
     def _run(self, opt, b, r, hyper, grads, states) -> bool:
         "Trace, compile (once) and run the kernel for one run; False if its parameters must be stepped eagerly"
         p0 = b.p[0 if r.idx is None else r.idx[0]]
-        ek,tk,_ = _state_keys(p0, r.st0)
-        try: traced,cached = trace_cached(opt.cbs, b.dtype, b.dtype, r.st0, hyper, set(ek))
+        lb = _low_bit(opt.cbs)
+        if lb is None and _keeps_own_state(opt.cbs):
+            self._fail("low-bit state (`LowBitState`) among other callbacks: the fused engine steps it as the chain's one callback (or inside `FP32Math`)")
+            return False
+        ek,tk,_,qk = _state_keys(p0, r.st0, lb)
+        st0,qkeys = r.st0,None
+        if qk:   # the quantized state as fp32 values of the chain (the wrapper, traced, runs its chain; the kernel (de)quantizes)
+            if b.sharded:
+                self._say("low-bit state of a sharded (DTensor) parameter is stepped by the eager engine")
+                return False
+            qkeys = {k: (lb.bits, lb.block_size) for k in qk}
+            st0 = {k: v for k,v in st0.items() if k not in _qnames(qk)}
+        try: traced,cached = trace_cached(opt.cbs, b.dtype, b.dtype, st0, hyper, set(ek), qkeys)
         except _Restructure: return False
         except Untraceable as e: self._fail(str(e)); return False
         try:
@@ -309,10 +385,12 @@ class FusedEngine:
                 kern = kernel_for(traced.graph, b.device.type, _what(opt))
                 if cached is not None: cached.kernels[b.device.type] = kern
         except Exception as e: self._fail(f"{type(e).__name__}: {e}"); return False
+        if kern.retypes: return False   # this step changes a state tensor's dtype (LAMB's trust ratio, first step after a bf16 one): eager
         if b.sharded and kern.plan.reductions:
             self._say("a per-tensor reduction of a sharded (DTensor) parameter needs the whole tensor: those parameters step eagerly")
             return False
-        tables = self._tables(b, kern, r, grads, states, ek, tk)
+        try: tables = self._tables(b, kern, r, grads, states, ek, tk, qk, lb)
+        except Exception as e: self._fail(f"{type(e).__name__}: {e}"); return False
         if tables is None: return False
         numel = b.numel if r.idx is None else array('q', [b.numel[i] for i in r.idx])
         try: kern(tables, numel, traced.scalars, device=b.device)

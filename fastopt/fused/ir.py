@@ -50,14 +50,16 @@ def refs(args) -> list:
         elif type(a) is tuple: res += refs(a)
     return res
 
-# %% ../../nbs/10a_fused.ir.ipynb #43b83ccc
+# %% ../../nbs/10a_fused.ir.ipynb #7876ac05
 class Input(NamedTuple):
-    "A value the kernel reads: the parameter, its gradient, a state tensor (`key`), or the parameter's element count"
+    """A value the kernel reads: the parameter, its gradient, a state tensor (`key`), a quantized state tensor, or the
+    parameter's element count"""
     id: int
-    role: str   # 'param', 'grad', 'state' or 'numel'
+    role: str   # 'param', 'grad', 'state', 'qstate' or 'numel'
     key: str|None
     kind: str
     dtype: torch.dtype
+    quant: tuple|None = None   # 'qstate': (bits, block size) of its codes (an fp32 value to the chain, see below)
 
 class Op(NamedTuple):
     "`v{out} = name(*args, **kwargs)`, computed in `ctype` and stored as `dtype` (rounded where `dtype` is narrower)"
@@ -82,7 +84,7 @@ class Output(NamedTuple):
     key: str|None
     id: int
 
-# %% ../../nbs/10a_fused.ir.ipynb #5c8c74fe
+# %% ../../nbs/10a_fused.ir.ipynb #4ca4562c
 class Graph(NamedTuple):
     "A traced chain: the values it reads, the ops, the values it writes back, and the length of its scalar vector"
     inputs: tuple
@@ -112,6 +114,6 @@ class Graph(NamedTuple):
         return self._replace(ops=tuple(o for o in self.ops if o.out in keep))
 
     def __repr__(self):
-        ins = [f"v{i.id} = {i.role}{'['+repr(i.key)+']' if i.key else ''}  # {i.kind} {str(i.dtype)[6:]}" for i in self.inputs]
+        ins = [f"v{i.id} = {i.role}{'['+repr(i.key)+']' if i.key else ''}  # {i.kind} {str(i.dtype)[6:]}{'' if i.quant is None else f' from {i.quant[0]}-bit codes, blocks of {i.quant[1]}'}" for i in self.inputs]
         outs = [f"{o.role}{'['+repr(o.key)+']' if o.key else ''} <- v{o.id}" for o in self.outputs]
         return '\n'.join(ins + [repr(o) for o in self.ops] + outs)

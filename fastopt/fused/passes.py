@@ -33,13 +33,14 @@ def by_reciprocal(g:Graph) -> Graph:
         else: ops.append(o)
     return g._replace(ops=tuple(ops))
 
-# %% ../../nbs/10d_fused.passes.ipynb #db9ffaff
+# %% ../../nbs/10d_fused.passes.ipynb #fbd6b754
 class Buffer(NamedTuple):
     "A tensor per parameter the kernel reads or writes: the parameter, its gradient, or a state tensor"
-    role: str   # 'param', 'grad' or 'state'
+    role: str   # 'param', 'grad', 'state'; 'qstate', 'qabsmax', 'qmap': quantized state's codes, block scales, code map
     key: str|None
     kind: str   # ELEM: of the parameter's shape; TENSOR: 0-d
     dtype: torch.dtype
+    quant: tuple|None = None   # 'qstate': (bits, block size)
 
 class Pass(NamedTuple):
     "One loop over the elements: `loads` (value id, buffer), `ops`, `reduce` (reduction ops), `stores` (buffer, value id)"
@@ -62,7 +63,7 @@ class Plan(NamedTuple):
     @property
     def reductions(self): return tuple(r for p in self.passes for r in p.reduce)
 
-# %% ../../nbs/10d_fused.passes.ipynb #27e3339d
+# %% ../../nbs/10d_fused.passes.ipynb #823e0685
 def _order(g:Graph, ids) -> tuple:
     "The ops of `g` whose outputs are in `ids`, in graph order"
     return tuple(o for o in g.ops if o.out in ids)
@@ -113,7 +114,7 @@ def plan(graph:Graph, exact:bool|None=None) -> Plan:
         reads1 = {x for o in need1 for x in by[o].operands if x in inputs} | {x for r in feed for x in by[r].operands if x in inputs}
         in_id = {(i.role, i.key): i.id for i in g.inputs}
         for x in outs_e:
-            if x.id in after1: continue
+            if x.id in after1 or x.role == 'qstate': continue   # quantized state is stored by the last pass: it recomputes it from the old codes
             nd = _closure(by, [x.id], stop=known_t)
             ins_needed = {y for o in nd for y in by[o].operands if y in inputs and inputs[y].kind == ELEM}
             if in_id.get((x.role, x.key)) in reads1 and ins_needed <= reads1: cand.append(x)
@@ -128,8 +129,12 @@ def plan(graph:Graph, exact:bool|None=None) -> Plan:
     term_args = [y for r in term for y in by[r].operands]
     nd2 = _closure(by, [x.id for x in rest] + term_args, stop=known_t | {x.id for x in cand}) & elem_ops
     bufs,index = [],{}
+    quants = {i.key: i.quant for i in g.inputs if i.role == 'qstate'}
     def buf(role, key, kind, dtype):
-        if (role, key) not in index: index[(role, key)] = len(bufs); bufs.append(Buffer(role, key, kind, dtype))
+        if (role, key) not in index:
+            index[(role, key)] = len(bufs); bufs.append(Buffer(role, key, kind, dtype, quants[key] if role == 'qstate' else None))
+            if role == 'qstate':   # its codes, then its block scales and its code map (a table per call)
+                for r in ('qabsmax', 'qmap'): index[(r, key)] = len(bufs); bufs.append(Buffer(r, key, kind, torch.float32))
         return index[(role, key)]
     def loads(ops, extra=()):
         ids = {y for o in ops for y in by[o].operands if y in inputs and inputs[y].kind == ELEM} | {y for y in extra if y in inputs and inputs[y].kind == ELEM}

@@ -179,7 +179,7 @@ class _Tracer:
         if g is None: raise Untraceable("`.grad` of a tensor that is not the parameter")
         return g
 
-# %% ../../nbs/10b_fused.trace.ipynb #61083d0b
+# %% ../../nbs/10b_fused.trace.ipynb #c2956b85
 class Traced(NamedTuple):
     "A traced chain: its `graph`, the step's `scalars` (the graph's slots), and the Python values of the new `state`"
     graph: Graph
@@ -189,7 +189,7 @@ class Traced(NamedTuple):
 class _Restructure(Exception):
     "The state's structure is not the one the engine laid out (a tensor of another shape): step eagerly"
 
-def _trace(cbs, p_dtype, g_dtype, state, hyper, ekeys):
+def _trace(cbs, p_dtype, g_dtype, state, hyper, ekeys, qkeys=None):
     "`trace_chain`, and the tracer (which knows where each slot's number came from)"
     tr = _Tracer()
     mk = lambda dt, shape=(2,): torch.ones(shape, dtype=dt)  # ones: no division by zero in integer state
@@ -204,6 +204,10 @@ def _trace(cbs, p_dtype, g_dtype, state, hyper, ekeys):
             else: raise _Restructure(k)
             inputs.append(Input(st[k]._fo_id, 'state', k, tr.kind(st[k]), v.dtype))
         else: st[k] = v
+    for k,q in (qkeys or {}).items():   # quantized state: an fp32 value to the chain
+        if k in state: raise _Restructure(k)
+        st[k] = tr.new(mk(torch.float32), ELEM)
+        inputs.append(Input(st[k]._fo_id, 'qstate', k, ELEM, torch.float32, tuple(q)))
     ins = {k: v._fo_id for k,v in st.items() if isinstance(v, _Node)}
     prev = _current()
     _local.tracer = tr
@@ -215,16 +219,17 @@ def _trace(cbs, p_dtype, g_dtype, state, hyper, ekeys):
     outs,py = [Output('param', None, p._fo_id)] if p._fo_id != inputs[0].id else [],{}
     for k,v in st.items():
         if tr.mine(v):
-            if ins.get(k) != v._fo_id: outs.append(Output('state', k, v._fo_id))
+            if ins.get(k) != v._fo_id: outs.append(Output('qstate' if k in (qkeys or ()) else 'state', k, v._fo_id))
+        elif k in (qkeys or ()): raise Untraceable(f"quantized state {k!r} replaced by a value that is not a tensor of the chain")
         elif isinstance(v, Tensor): raise Untraceable(f"state {k!r} is a tensor made outside the chain")
         else: py[k] = v
     return Traced(Graph(tuple(inputs), tuple(tr.ops), tuple(outs), len(tr.scalars)), list(tr.scalars), py), tr
 
-def trace_chain(cbs, p_dtype, g_dtype, state:dict, hyper:dict, ekeys=None) -> Traced:
+def trace_chain(cbs, p_dtype, g_dtype, state:dict, hyper:dict, ekeys=None, qkeys=None) -> Traced:
     """Run the callbacks `cbs` on stand-ins for a parameter of `p_dtype` with a gradient of `g_dtype`, `state` and
     `hyper`: tensors in `state` with keys in `ekeys` (default: those with dims) are per-element inputs, 0-d ones
-    per-tensor inputs"""
-    return _trace(cbs, p_dtype, g_dtype, state, hyper, ekeys)[0]
+    per-tensor inputs; `qkeys`: quantized state, key -> (bits, block size)"""
+    return _trace(cbs, p_dtype, g_dtype, state, hyper, ekeys, qkeys)[0]
 
 # %% ../../nbs/10b_fused.trace.ipynb #20be1caa
 class _ScalarProgram:
@@ -291,7 +296,7 @@ for _n in 'add sub mul truediv floordiv mod pow'.split():
 for _n in 'lt le gt ge eq ne'.split(): setattr(_Sym, f'__{_n}__', lambda s, o, f=getattr(operator, _n): s._op(f, s, o))
 for _n in 'neg pos abs'.split(): setattr(_Sym, f'__{_n}__', lambda s, f=getattr(operator, _n): s._op(f, s))
 
-# %% ../../nbs/10b_fused.trace.ipynb #20d9aff9
+# %% ../../nbs/10b_fused.trace.ipynb #3e1b33f3
 _traces = {}  # structure of a chain's inputs -> its cached traces (or None: trace every step); shared by every optimizer
 
 def _pure(cb):
@@ -314,9 +319,9 @@ def _cb_key(cb):
     if isinstance(cb, functools.partial): return (_cb_key(cb.func), cb.args, tuple(sorted(cb.keywords.items())))
     return cb
 
-def _structure(cbs, p_dtype, g_dtype, state, hyper, ekeys):
+def _structure(cbs, p_dtype, g_dtype, state, hyper, ekeys, qkeys=None):
     "What a cached trace must share with a step's inputs (everything but the numbers); None if not cacheable"
-    parts = [tuple(map(_cb_key, cbs)), p_dtype, g_dtype]
+    parts = [tuple(map(_cb_key, cbs)), p_dtype, g_dtype, tuple(sorted((k, tuple(q)) for k,q in (qkeys or {}).items()))]
     for d in (state, hyper):
         for k,v in d.items():
             if isinstance(v, Tensor):
@@ -344,14 +349,14 @@ def _symbolic(d, prog):
     sym = lambda v: prog.input(v) if _is_num(v) else tuple(map(prog.input, v)) if _is_nums(v) else v
     return {k: sym(v) for k,v in d.items()}
 
-# %% ../../nbs/10b_fused.trace.ipynb #d7594b97
+# %% ../../nbs/10b_fused.trace.ipynb #d8e8036c
 def _same(a, b): return a == b or a != a and b != b  # nan equals nan here
 
 class _CachedTrace:
     "A chain traced with `_Sym` numbers: replays the trace for new numbers while the program's guards hold"
-    def __init__(self, cbs, p_dtype, g_dtype, state, hyper, ekeys):
+    def __init__(self, cbs, p_dtype, g_dtype, state, hyper, ekeys, qkeys=None):
         self.prog = _ScalarProgram()
-        t,tr = _trace(cbs, p_dtype, g_dtype, _symbolic(state, self.prog), _symbolic(hyper, self.prog), ekeys)
+        t,tr = _trace(cbs, p_dtype, g_dtype, _symbolic(state, self.prog), _symbolic(hyper, self.prog), ekeys, qkeys)
         if not tr.cacheable: raise Untraceable("a tensor value from outside the chain")
         self.graph,self.slots,self.res = t.graph,list(tr.slots),{}
         self.kernels = {}  # the engine's compiled kernels for this graph, by backend
@@ -373,19 +378,19 @@ class _CachedTrace:
         "The `Traced` of a step whose numbers give `val` (a program run)"
         return Traced(self.graph, [val(r) for r in self.slots], {k: val(v) if kind == 'ref' else v for k,(kind,v) in self.res.items()})
 
-def trace_cached(cbs, p_dtype, g_dtype, state:dict, hyper:dict, ekeys=None):
+def trace_cached(cbs, p_dtype, g_dtype, state:dict, hyper:dict, ekeys=None, qkeys=None):
     """`trace_chain`, replayed from a cached trace where the callbacks are pure and the program's guards hold; returns
     the `Traced` and the `_CachedTrace` it came from (None for a plain trace)"""
-    key = _structure(cbs, p_dtype, g_dtype, state, hyper, ekeys) if all(map(_pure, cbs)) else None
+    key = _structure(cbs, p_dtype, g_dtype, state, hyper, ekeys, qkeys) if all(map(_pure, cbs)) else None
     cached = _traces.get(key, []) if key is not None else None
-    if cached is None: return (trace_chain(cbs, p_dtype, g_dtype, state, hyper, ekeys)), None
+    if cached is None: return (trace_chain(cbs, p_dtype, g_dtype, state, hyper, ekeys, qkeys)), None
     xs = _numbers(state, hyper)
     for c in cached:
         if (val := c.prog.run(xs)) is not None: return c.replay(val), c
-    plain = (trace_chain(cbs, p_dtype, g_dtype, state, hyper, ekeys))
+    plain = (trace_chain(cbs, p_dtype, g_dtype, state, hyper, ekeys, qkeys))
     if len(cached) >= 4: _traces[key] = None; return plain, None   # the guards keep failing: a value changing every step
     try:
-        c = _CachedTrace(cbs, p_dtype, g_dtype, state, hyper, ekeys)
+        c = _CachedTrace(cbs, p_dtype, g_dtype, state, hyper, ekeys, qkeys)
         ok = c.matches(plain, xs)
     except (Untraceable, _Restructure): ok = False
     if not ok: _traces[key] = None; return plain, None
