@@ -20,8 +20,8 @@ from .smooth import *
 from .precision import *
 from .bias_correction import *
 # not `*`: its `main` is the figures' command
-from .low_bit import code_map, quant_midpoints, quantize_blockwise, dequantize_blockwise, unsigned_keys  # noqa: F401
-from .low_bit import LowBitState, low_bit, AdamW8bit, AdamW4bit, state_bytes, full_precision_state_dict  # noqa: F401
+from .low_bit_state import code_map, quant_midpoints, quantize_blockwise, dequantize_blockwise, unsigned_keys  # noqa: F401
+from .low_bit_state import LowBitState, low_bit, AdamW8bit, AdamW4bit, state_bytes, full_precision_state_dict  # noqa: F401
 from .fused import *
 from . import optim as optim  # torch's signatures and defaults, as `fastopt.optim.Adam`; its names would shadow fastai's above, so not `*`
 from . import zoo as zoo      # the optimizer zoo, as `fastopt.zoo.Lion`

@@ -113,7 +113,7 @@ fastopt_opts = {
     # with the optimizer statistics of `fastopt.optim_stats` recorded in the step
     'adam_stats': lambda ps: fastopt.with_stats(fastopt.Adam(ps, lr=1e-3, wd=0.01)),
     'lamb_stats': lambda ps: fastopt.with_stats(fastopt.Lamb(ps, lr=1e-3, wd=0.01)),
-    # AdamW with both moments blockwise-quantized (`fastopt.low_bit`): 8-bit codes in blocks of 256, 4-bit in blocks of 128
+    # AdamW with both moments blockwise-quantized (`fastopt.low_bit_state`): 8-bit codes in blocks of 256, 4-bit in blocks of 128
     'adamw8bit': partial(fastopt.AdamW8bit, lr=1e-3, wd=0.01),
     'adamw4bit': partial(fastopt.AdamW4bit, lr=1e-3, wd=0.01),
 }

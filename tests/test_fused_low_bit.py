@@ -11,7 +11,7 @@ from fastopt import Adam, Lamb, Optimizer
 from fastopt.adaptive import average_grad, average_sqr_grad, step_stat
 from fastopt.sgd import weight_decay
 from fastopt.zoo import Lion
-from fastopt.low_bit import LowBitState, low_bit, AdamW8bit, AdamW4bit, quantize_blockwise, dequantize_blockwise
+from fastopt.low_bit_state import LowBitState, low_bit, AdamW8bit, AdamW4bit, quantize_blockwise, dequantize_blockwise
 from fastopt.fused import cpu, engine as fengine
 from fastopt.fused.cpu import ulps
 

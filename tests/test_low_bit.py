@@ -8,7 +8,7 @@ from fastopt import Adam, Lamb, Optimizer
 from fastopt.zoo import Lion
 from fastopt.sgd import average_grad, weight_decay
 from fastopt.adaptive import average_sqr_grad, step_stat, adam_step
-from fastopt.low_bit import (code_map, quant_midpoints, quantize_blockwise, dequantize_blockwise, LowBitState, low_bit,
+from fastopt.low_bit_state import (code_map, quant_midpoints, quantize_blockwise, dequantize_blockwise, LowBitState, low_bit,
                              AdamW8bit, AdamW4bit, state_bytes, full_precision_state_dict)
 from state_helpers import deep_equal
 

@@ -324,7 +324,7 @@ def quant_table(qmap:torch.Tensor) -> torch.Tensor:
     (the midpoints below the cell, whether one is in it, and that one's low mantissa bits)"""
     qmap = qmap.detach().float().cpu().contiguous()
     M = qmap.numel() - 1
-    mids = (qmap[:-1] + qmap[1:]) * 0.5   # as `fastopt.low_bit.quant_midpoints`, in fp32
+    mids = (qmap[:-1] + qmap[1:]) * 0.5   # as `fastopt.low_bit_state.quant_midpoints`, in fp32
     md,ub = mids.double(),mids.view(torch.int32).long() & 0xFFFFFFFF
     for R in (24, 32, 40, 48, 64, 96, 125):   # exponents below 1 with cells of their own: smaller magnitudes share the first cell
         for m in range(3, 10):   # mantissa bits of the cell index (8-bit dynamic maps: 6 or 7, 4-bit: 3)

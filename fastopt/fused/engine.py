@@ -79,7 +79,7 @@ class _Bucket:
         return laid and set(map(_dtype_of, grads)) == {self.dtype}
 
 def _low_bit(cbs):
-    """The wrapper in a chain that keeps some state quantized (`fastopt.low_bit.LowBitState`), else None: the chain's one
+    """The wrapper in a chain that keeps some state quantized (`fastopt.low_bit_state.LowBitState`), else None: the chain's one
     callback, or the one callback of a wrapper's chain (`fp32_math(low_bit(...))`), with `state_format` set and `cbs`
     (the chain it runs), `bits`, `block_size` and `qmap(key)` (the code map of a key). Traced, it runs its chain as is:
     the kernels dequantize and quantize"""
