@@ -197,13 +197,8 @@ def step_peak_memory(opt):
         base = torch.cuda.memory_allocated(dev)
         opt.step(); torch.cuda.synchronize(dev)
         return torch.cuda.max_memory_allocated(dev) - base
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: opt.step()
-    cur = peak = 0
-    for e in sorted((e for e in prof.events() if e.name == '[memory]'), key=lambda e: e.time_range.start):
-        cur += e.cpu_memory_usage
-        peak = max(peak, cur)
-    return peak
+    from fastopt.step_in_backward import memory_timeline   # every allocation and free, from the profiler's raw events
+    return max(memory_timeline(opt.step)[1])
 
 # %% ../nbs/11_bench.ipynb #107f63d1
 def _memory_note(cs):
