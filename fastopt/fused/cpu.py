@@ -39,7 +39,7 @@ def _load(dt, ptr):
 def _store(dt, expr):
     return {torch.bfloat16: f"fo_to_bf16(static_cast<float>({expr}))", torch.float16: f"static_cast<_Float16>({expr})"}.get(dt, f"static_cast<{_MEM[dt]}>({expr})")
 
-# %% ../../nbs/10e_fused.cpu.ipynb #7e0b45f7
+# %% ../../nbs/10e_fused.cpu.ipynb #dfa856eb
 cpp_ops = {
     'add': '({0} + {1})', 'sub': '({0} - {1})', 'mul': '({0} * {1})', 'div': '({0} / {1})', 'fma': 'std::fma({0}, {1}, {2})',
     'neg': '(-{0})', 'abs': 'std::abs({0})', 'sqrt': 'std::sqrt({0})', 'rsqrt': '(T(1) / std::sqrt({0}))',
@@ -64,6 +64,12 @@ _PRELUDE = r'''#include <cstdint>
 #include <limits>
 #include <vector>
 #include <omp.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#define FO_MAP8(map, codes, w, j, r) w[r]   // an 8-bit block's map values, looked up before its loop
+#else
+#define FO_MAP8(map, codes, w, j, r) map[codes[j]]
+#endif
 static inline float fo_bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; std::memcpy(&f, &u, 4); return f; }
 static inline uint16_t fo_to_bf16(float f) {
     uint32_t u; std::memcpy(&u, &f, 4);
@@ -106,6 +112,47 @@ static inline void fo_map4(const float* __restrict map, const uint8_t* __restric
     }
 #endif
     for (; h < nbytes; h++) { out[2 * h] = map[codes[h] & 15]; out[2 * h + 1] = map[codes[h] >> 4]; } }
+#ifdef __AVX512F__
+static inline void fo_map8(const float* __restrict map, const uint8_t* __restrict codes, float* __restrict out, int64_t n) {
+    // out[j] = map[codes[j]]: 16 at a time by register permutes over the 256-entry map (Zen's gathers are slow)
+    int64_t j = 0;
+#ifdef __AVX512F__
+    __m512 t[16];
+    for (int k = 0; k < 16; k++) t[k] = _mm512_loadu_ps(map + 16 * k);
+    const __m512i k32 = _mm512_set1_epi32(32), k64 = _mm512_set1_epi32(64), k128 = _mm512_set1_epi32(128);
+    for (; j + 16 <= n; j += 16) {
+        const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + j)));
+        const __mmask16 b5 = _mm512_test_epi32_mask(c, k32), b6 = _mm512_test_epi32_mask(c, k64), b7 = _mm512_test_epi32_mask(c, k128);
+        const __m512 r0 = _mm512_permutex2var_ps(t[0], c, t[1]), r1 = _mm512_permutex2var_ps(t[2], c, t[3]);
+        const __m512 r2 = _mm512_permutex2var_ps(t[4], c, t[5]), r3 = _mm512_permutex2var_ps(t[6], c, t[7]);
+        const __m512 r4 = _mm512_permutex2var_ps(t[8], c, t[9]), r5 = _mm512_permutex2var_ps(t[10], c, t[11]);
+        const __m512 r6 = _mm512_permutex2var_ps(t[12], c, t[13]), r7 = _mm512_permutex2var_ps(t[14], c, t[15]);
+        const __m512 a0 = _mm512_mask_blend_ps(b5, r0, r1), a1 = _mm512_mask_blend_ps(b5, r2, r3);
+        const __m512 a2 = _mm512_mask_blend_ps(b5, r4, r5), a3 = _mm512_mask_blend_ps(b5, r6, r7);
+        const __m512 d0 = _mm512_mask_blend_ps(b6, a0, a1), d1 = _mm512_mask_blend_ps(b6, a2, a3);
+        _mm512_storeu_ps(out + j, _mm512_mask_blend_ps(b7, d0, d1));
+    }
+#endif
+    for (; j < n; j++) out[j] = map[codes[j]]; }
+static inline void fo_codes4(const float* __restrict mids, int32_t mx, const float* __restrict q, float sc, uint8_t* __restrict out, int64_t n) {
+    // code j = how many of the 15 sorted midpoints (then an inf) are below q[j] / sc (mx for a nan): a binary search in one register
+    int64_t j = 0;
+    const __m512 z = _mm512_loadu_ps(mids), vs = _mm512_set1_ps(sc);
+    const __m512i one = _mm512_set1_epi32(1);
+    for (; j + 16 <= n; j += 16) {
+        const __m512 x = _mm512_div_ps(_mm512_loadu_ps(q + j), vs);
+        __m512i p = _mm512_setzero_si512();
+        for (int s = 8; s; s >>= 1) {
+            const __m512i c = _mm512_add_epi32(p, _mm512_set1_epi32(s));
+            p = _mm512_mask_mov_epi32(p, _mm512_cmp_ps_mask(_mm512_permutexvar_ps(_mm512_sub_epi32(c, one), z), x, _CMP_LT_OQ), c); }
+        p = _mm512_mask_mov_epi32(p, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(mx));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j), _mm512_cvtepi32_epi8(p));
+    }
+    for (; j < n; j++) {
+        const float x = q[j] / sc; int32_t p = 0;
+        for (int s = 8; s; s >>= 1) p += mids[p + s - 1] < x ? s : 0;
+        out[j] = static_cast<uint8_t>(x != x ? mx : p); } }
+#endif
 static inline int32_t fo_code(const int32_t* __restrict lut, int32_t sh, int32_t base, int32_t top, int32_t mx, float x) {
     // how many of a map's sorted midpoints are below x (all of them for a nan, as torch.searchsorted): see `quant_table`
     uint32_t u; std::memcpy(&u, &x, 4);
@@ -151,7 +198,7 @@ def _statement(op, names) -> str:
     if op.name in ('eq', 'ne', 'lt', 'le', 'gt', 'ge', 'and', 'or', 'xor', 'not'): return f"const bool v{op.out} = {expr};"
     return f"const {_ct(op.dtype)} v{op.out} = {_rounded(expr, op.dtype, op.ctype)};"
 
-# %% ../../nbs/10e_fused.cpu.ipynb #ea44a2b4
+# %% ../../nbs/10e_fused.cpu.ipynb #a3f8405c
 CHUNK = 2048  # elements a reduction adds up before its sum is stored: fixed, so the result does not depend on the threads
 
 def _acc_type(r, types) -> str:
@@ -201,7 +248,7 @@ def cpp_source(plan:Plan) -> str:
         return res
     def qload(b):
         "A quantized value: its code's entry of the map times its block's scale (`a{b}`, read before the block's loop)"
-        return f"M{b}[P{b}[j]] * a{b}" if quant[b][0] == 8 else f"w{b}[j - bs] * a{b}"   # 4-bit: the block's map values looked up first
+        return f"FO_MAP8(M{b}, P{b}, w{b}, j, j - bs) * a{b}" if quant[b][0] == 8 else f"w{b}[j - bs] * a{b}"   # 4-bit: the block's map values looked up first
     def body(ps):
         lines = [f"const float v{v} = {qload(b)};" if b in quant else
                  f"const {_ct(types[v][1])} v{v} = {_load(plan.buffers[b].dtype, f'P{b}[j]')};" for v,b in ps.loads]
@@ -225,8 +272,9 @@ def cpp_source(plan:Plan) -> str:
                  f"const int32_t sh = H{b}[0], base = H{b}[1], top = H{b}[2], mx = H{b}[3]; const int32_t* __restrict L{b} = H{b} + 4;",
                  "#pragma omp simd"]
         if bits == 8: lines += [f"for (int64_t j = 0; j < be - bs; j++) P{b}[bs + j] = static_cast<uint8_t>({code('j')});"]
-        else: lines[-1:] = [f"uint8_t c{b}[{QB} + 1]; c{b}[be - bs] = 0;   // the last byte of an odd count: high nibble 0", "#pragma omp simd",
-                            f"for (int64_t j = 0; j < be - bs; j++) c{b}[j] = static_cast<uint8_t>({code('j')});",
+        else: lines[-1:] = [f"uint8_t c{b}[{QB} + 1]; c{b}[be - bs] = 0;   // the last byte of an odd count: high nibble 0",
+                            "#ifdef __AVX512F__", f"fo_codes4(M{b} + 16, mx, q{b}, sc, c{b}, be - bs);   // its 15 midpoints, then an inf", "#else", "#pragma omp simd",
+                            f"for (int64_t j = 0; j < be - bs; j++) c{b}[j] = static_cast<uint8_t>({code('j')});", "#endif",
                         "#pragma omp simd",
                         f"for (int64_t h = 0; h < (be - bs + 1) >> 1; h++) P{b}[(bs >> 1) + h] = static_cast<uint8_t>(c{b}[2 * h] | (c{b}[2 * h + 1] << 4));"]
         return ['{', *ind(lines, 4), '}']
@@ -272,6 +320,8 @@ def cpp_source(plan:Plan) -> str:
                     f'                const int64_t be = std::min<int64_t>(bs + {QB}, e), bi = bs / {QB};',
                     *ind([f"const float a{b} = A{b}[bi];" for _,b in ps.loads if b in quant], 16),
                     *ind([l for _,b in ps.loads if b in quant and quant[b][0] == 4 for l in unpack(b)], 16),
+                    *ind([l for _,b in ps.loads if b in quant and quant[b][0] == 8 for l in
+                          ("#ifdef __AVX512F__", f"float w{b}[{QB}]; fo_map8(M{b}, P{b} + bs, w{b}, be - bs);", "#endif")], 16),
                     *ind([f"float q{b}[{QB}]; float m{b} = 0; int32_t n{b} = 0;" for b in qs], 16),
                     f'                #pragma omp simd {clauses}', '                for (int64_t j = bs; j < be; j++) {', *ind(body(ps), 20), '                }',
                     *ind([l for b in qs for l in quantize(b)], 16),
@@ -317,7 +367,7 @@ def cpp_source(plan:Plan) -> str:
         '    }', '    }', '}', '']
     return '\n'.join(src)
 
-# %% ../../nbs/10e_fused.cpu.ipynb #8b394bdd
+# %% ../../nbs/10e_fused.cpu.ipynb #2312786c
 def quant_table(qmap:torch.Tensor) -> torch.Tensor:
     """What a kernel reads to dequantize and quantize with the code map `qmap` (2**bits sorted fp32 values): the map, its
     midpoints (and `inf`), then as int32: the shift and offset of the cell index, the last cell, 2**bits-1, and the cells
