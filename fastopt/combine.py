@@ -8,7 +8,7 @@ Docs: https://fastopt.github.io/fastopt/combine.html.md"""
 from __future__ import annotations
 from collections.abc import Callable, Sequence
 from fastcore.foundation import L
-from .optimizer import _cb_defaults
+from .optimizer import _chain_defaults, _run_chain
 
 # %% auto #0
 __all__ = ['branch']
@@ -21,13 +21,8 @@ def branch(
 ):
     "A callback that runs the chain `if_true` on the parameters where `cond(p)` holds and `if_false` on the others"
     if_true,if_false = list(L(if_true)),list(L(if_false))
-    def _branch(p, **kwargs):
-        new = {}
-        for cb in (if_true if cond(p) else if_false):
-            res = cb(p, **{**kwargs, **new})
-            if isinstance(res, dict): new.update(res)
-        return new
-    _branch.defaults = {k:v for cb in if_false + if_true for k,v in _cb_defaults(cb).items()}
+    def _branch(p, **kwargs): return _run_chain(if_true if cond(p) else if_false, p, kwargs)
+    _branch.defaults = _chain_defaults(if_false + if_true)
     _branch.__name__ = _branch.__qualname__ = f"branch({getattr(cond, '__name__', 'cond')})"
     _branch.__doc__ = f"Runs {[getattr(c, '__name__', c) for c in if_true]} where `{getattr(cond, '__name__', 'cond')}(p)`, else {[getattr(c, '__name__', c) for c in if_false]}"
     _branch.cond,_branch.if_true,_branch.if_false = cond,if_true,if_false  # for engines that look inside

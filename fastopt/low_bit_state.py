@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from fastcore.script import call_parse
-from .optimizer import Optimizer, _cb_defaults, _update, _chain_names, _all_cbs, accepts_torch_names
+from .optimizer import Optimizer, _chain_defaults, _run_chain, _chain_names, _all_cbs, accepts_torch_names
 from .adaptive import Adam
 from .fused.trace import _current
 
@@ -144,7 +144,7 @@ class LowBitState:
         self.keys = None if keys is None else tuple(keys)
         self.unsigned = tuple(unsigned)
         self.qmaps = {'signed': code_map(bits, True), 'unsigned': code_map(bits, False)}
-        self.defaults = {k:v for cb in cbs for k,v in _cb_defaults(cb).items()}
+        self.defaults = _chain_defaults(cbs)
         self._on = {}   # (key's map, device) -> the map there: no copy to the device at each step
 
     def qmap(self, k:str) -> Tensor:
@@ -177,19 +177,13 @@ class LowBitState:
 
     def __getstate__(self): return {**self.__dict__, '_on': {}}   # a copy or pickle holds the maps once, on the CPU
 
-    def _chain(self, p, kwargs):
-        "Run the callbacks on `p` as the eager engine does, returning the state they created"
-        new = {}
-        for cb in self.cbs: _update(new, cb(p, **{**kwargs, **new}))
-        return new
-
     def __call__(self, p, **kwargs):
-        if _tracing(): return self._chain(p, kwargs)   # the fused engine: its kernels dequantize and quantize (it gives the chain fp32 values)
+        if _tracing(): return _run_chain(self.cbs, p, kwargs)   # the fused engine: its kernels dequantize and quantize (it gives the chain fp32 values)
         full = {}
         for k in self.quantized_keys(kwargs):
             codes,absmax = kwargs.pop(k + '_codes'),kwargs.pop(k + '_absmax')
             full[k] = kwargs[k] = self.dequantize(k, codes, absmax, p.shape)
-        new = self._chain(p, kwargs)   # the step itself uses the full-precision new state
+        new = _run_chain(self.cbs, p, kwargs)   # the step itself uses the full-precision new state
         res = {}
         for k,v in {**full, **new}.items():   # a callback may update a moment in place without returning it
             if k in full or self.quantizes(p, k, v): res[k + '_codes'],res[k + '_absmax'] = self.quantize(k, v)

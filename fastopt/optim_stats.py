@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable, MutableSequence
 import torch
 from torch import Tensor
-from .optimizer import Optimizer, _cb_defaults, _update, _lazy_fastai
+from .optimizer import Optimizer, _chain_defaults, _run_chain, _lazy_fastai
 from .adaptive import debias
 
 # %% auto #0
@@ -36,14 +36,13 @@ class StatsChain:
         cbs = list(cbs) if isinstance(cbs, (list, tuple)) else [cbs]
         if any(isinstance(cb, StatsChain) for cb in cbs): raise ValueError("`cbs` already holds a `StatsChain`: wrap the chain once")
         self.cbs,self.norms = cbs,norms
-        self.defaults = {k:v for cb in cbs for k,v in _cb_defaults(cb).items()}
+        self.defaults = _chain_defaults(cbs)
 
     def __call__(self, p, **kwargs):
         w0 = p.detach().clone()            # on the fused engine, the weight before the update stays in registers
         g = p.grad.detach()
         stats = {'stat_w': w0.norm(), 'stat_g': g.norm()}   # the gradient before any callback changes it (L2 decay)
-        new = {}
-        for cb in self.cbs: _update(new, cb(p, **{**kwargs, **new}))
+        new = _run_chain(self.cbs, p, kwargs)
         st = {**kwargs, **new}
         stats['stat_dw'] = (p.detach() - w0).norm()
         stats['stat_dw_g'] = stats['stat_dw'] / stats['stat_g']

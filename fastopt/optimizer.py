@@ -185,6 +185,16 @@ def _unhooked(step):
     "`step` without the wrapper torch puts around an optimizer class's `step` to run the step hooks"
     return getattr(step, '__wrapped__', step)
 
+def _chain_defaults(cbs) -> dict:
+    "The hyper-parameter defaults of the callbacks `cbs` (a later callback's default wins)"
+    return {k:v for cb in cbs for k,v in _cb_defaults(cb).items()}
+
+def _run_chain(cbs, p, kwargs:dict) -> dict:
+    "Run the callbacks `cbs` on `p` as the eager engine does, each seeing what the ones before returned; the state they returned"
+    new = {}
+    for cb in cbs: _update(new, cb(p, **{**kwargs, **new}))
+    return new
+
 def _cb_defaults(cb):
     "The `defaults` of a callback, looking through `functools.partial`"
     while cb is not None:
@@ -290,7 +300,7 @@ class Optimizer(torch.optim.Optimizer):
         cbs = list(L(cbs))
         for cb in cbs:
             if not callable(cb): raise TypeError(f"`cbs` must hold callables, got {cb!r}")
-        cb_defaults = {k:v for cb in cbs for k,v in _cb_defaults(cb).items()}
+        cb_defaults = _chain_defaults(cbs)
         defaults = {**cb_defaults, **_fastai_names(defaults, cb_defaults)}
         groups = [_fastai_names(g, defaults) for g in _as_groups(params)]
         _check_params(groups)

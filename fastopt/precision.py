@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, MutableSequence
 import torch
 from torch import Tensor
-from .optimizer import Optimizer, _cb_defaults, _update, _deprecated_alias
+from .optimizer import Optimizer, _chain_defaults, _run_chain, _deprecated_alias
 from .adaptive import Adam
 from .lookahead import Lookahead
 
@@ -33,22 +33,16 @@ class FP32Math:
             if not callable(cb): raise TypeError(f"`cbs` must hold callables, got {cb!r}")
             if isinstance(cb, FP32Math): raise ValueError("`cbs` already holds an `FP32Math`: wrap the chain once")
         self.cbs,self.mode = cbs,mode
-        self.defaults = {k:v for cb in cbs for k,v in _cb_defaults(cb).items()}
-
-    def _chain(self, p, kwargs):
-        "Run the callbacks on `p` as the eager engine does, returning the state they created"
-        new = {}
-        for cb in self.cbs: _update(new, cb(p, **{**kwargs, **new}))
-        return new
+        self.defaults = _chain_defaults(cbs)
 
     def __call__(self, p, fp32_master=None, kahan_comp=None, **kwargs):
-        if p.dtype not in _low_precision: return self._chain(p, kwargs)
+        if p.dtype not in _low_precision: return _run_chain(self.cbs, p, kwargs)
         if self.mode == 'master' and fp32_master is not None: w = fp32_master
         else:
             w = p.detach().float()
             if self.mode == 'kahan' and kahan_comp is not None: w.add_(kahan_comp)
         w.grad = p.grad.detach().float()
-        new = self._chain(w, kwargs)
+        new = _run_chain(self.cbs, w, kwargs)
         w.grad = None
         p.data.copy_(w)  # the one rounding of the step
         if self.mode == 'master': new['fp32_master'] = w
