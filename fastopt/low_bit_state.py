@@ -147,9 +147,11 @@ class LowBitState:
         self.defaults = _chain_defaults(cbs)
         self._on = {}   # (key's map, device) -> the map there: no copy to the device at each step
 
+    def _kind(self, k:str) -> str: return 'unsigned' if k in self.unsigned else 'signed'
+
     def qmap(self, k:str) -> Tensor:
         "The code map of state key `k`"
-        return self.qmaps['unsigned' if k in self.unsigned else 'signed']
+        return self.qmaps[self._kind(k)]
 
     def quantizes(self, p:Tensor, k:str, v) -> bool:
         "Whether state `k` = `v` of parameter `p` is kept quantized"
@@ -162,7 +164,7 @@ class LowBitState:
         return [n[:-6] for n in st if n.endswith('_codes') and n[:-6] + '_absmax' in st]
 
     def _qmap_on(self, k, device):
-        kind = 'unsigned' if k in self.unsigned else 'signed'
+        kind = self._kind(k)
         m = self._on.get((kind, device))
         if m is None: m = self._on[(kind, device)] = self.qmaps[kind].to(device)
         return m
