@@ -113,9 +113,8 @@ class InBackward:
     def _engine(self):
         "The engine the optimizer steps with; the auto engine's choice is made on the whole optimizer's size, not a bucket's"
         eng = self.opt.engine
-        if hasattr(eng, 'fused') and hasattr(eng, 'eager') and hasattr(eng, 'min_numel'):
-            eng = eng.fused if self.numel >= eng.min_numel else eng.eager
-        return eng
+        pick = getattr(eng, 'for_numel', None)   # `AutoEngine`
+        return eng if pick is None else pick(self.numel)
 
     def _hook(self, p):
         if not self.handles or p.grad is None: return

@@ -414,10 +414,13 @@ class AutoEngine:
     def failed(self): return self.fused.failed
     def __reduce__(self): return (type(self), ())
     def release_grads(self, opt): self.fused.release_grads(opt)
+    def for_numel(self, n:int):
+        "The engine that steps an optimizer of `n` parameter elements"
+        return self.fused if n >= self.min_numel else self.eager
     def step(self, opt):
         sig = tuple(len(g['params']) for g in opt.param_groups)
         if self._n[0] != sig: self._n = (sig, sum(p.numel() for g in opt.param_groups for p in g['params']))
-        (self.fused if self._n[1] >= self.min_numel else self.eager).step(opt)
+        self.for_numel(self._n[1]).step(opt)
 
 engines['auto'] = AutoEngine
 _env_engine = os.environ.get('FASTOPT_ENGINE', 'auto')
